@@ -1,0 +1,5 @@
+"""ocistore: a daemonless container-image store."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
