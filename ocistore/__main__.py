@@ -1,0 +1,3 @@
+from ocistore.cli import run
+
+run()

@@ -1,0 +1,83 @@
+"""Streaming decompression of layer blobs (gzip, zstd or none) behind a ``read()``."""
+
+from __future__ import annotations
+
+import zlib
+from typing import Protocol
+
+from ocistore.errors import LayerFormatError
+from ocistore.mediatypes import Compression
+
+_CHUNK = 1 << 20
+
+
+class Readable(Protocol):
+    def read(self, n: int = -1, /) -> bytes: ...
+
+
+class _GzipReader:
+    """Multi-member gzip; anything after the last member that is not gzip is an error,
+    so trailing garbage cannot ride along with a valid stream."""
+
+    def __init__(self, source: Readable) -> None:
+        self._source = source
+        self._z = zlib.decompressobj(wbits=31)
+        self._buf = b""
+        self._eof = False
+        self._started = False
+
+    def read(self, n: int = -1, /) -> bytes:
+        if n < 0:
+            n = _CHUNK
+        while not self._buf and not self._eof:
+            self._fill(n)
+        out, self._buf = self._buf[:n], self._buf[n:]
+        return out
+
+    def _fill(self, n: int) -> None:
+        data = self._z.unconsumed_tail or self._source.read(_CHUNK)
+        if not data:
+            if not self._z.eof or not self._started:
+                raise LayerFormatError("gzip stream is truncated")
+            self._eof = True
+            return
+        self._started = True
+        try:
+            self._buf = self._z.decompress(data, max(n, _CHUNK))
+        except zlib.error as exc:
+            raise LayerFormatError(f"gzip stream is corrupt: {exc}") from None
+        if self._z.eof:
+            rest = self._z.unused_data
+            if rest:
+                if not rest.startswith(b"\x1f\x8b"):
+                    raise LayerFormatError("garbage after the end of the gzip stream")
+                self._z = zlib.decompressobj(wbits=31)
+                remainder = self._z.decompress(rest, _CHUNK)
+                self._buf += remainder
+
+
+class _ZstdReader:
+    def __init__(self, source: Readable) -> None:
+        import zstandard  # imported lazily: most layers are gzip
+
+        self._reader = zstandard.ZstdDecompressor().stream_reader(
+            source,  # type: ignore[arg-type]  # it only calls read()
+            read_across_frames=True,
+            read_size=_CHUNK,
+        )
+        self._error = zstandard.ZstdError
+
+    def read(self, n: int = -1, /) -> bytes:
+        try:
+            data: bytes = self._reader.read(n if n >= 0 else _CHUNK)
+        except self._error as exc:
+            raise LayerFormatError(f"zstd stream is corrupt: {exc}") from None
+        return data
+
+
+def decompressing_reader(source: Readable, compression: Compression) -> Readable:
+    if compression == "gzip":
+        return _GzipReader(source)
+    if compression == "zstd":
+        return _ZstdReader(source)
+    return source

@@ -1,0 +1,46 @@
+"""Small durable-filesystem helpers: atomic writes, fsync of directories, file locks."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str, data: bytes, *, tmp_dir: str | None = None, mode: int = 0o644) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the new, never half."""
+    directory = os.path.dirname(path)
+    fd, tmp = tempfile.mkstemp(dir=tmp_dir or directory, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fchmod(f.fileno(), mode)
+            os.fsync(f.fileno())
+        os.rename(tmp, path)
+    except BaseException:
+        with suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(directory)
+
+
+@contextmanager
+def file_lock(path: str, *, shared: bool = False) -> Iterator[None]:
+    """An advisory lock across processes (fcntl): blocks until it is ours."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing drops the lock

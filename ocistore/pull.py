@@ -1,0 +1,469 @@
+"""Pulling: the one place the registry client, content store and layer store meet.
+
+resolve the reference -> pick the platform's manifest -> fetch and verify the config ->
+for each layer, concurrently: stream the blob once, hashing and writing it to the content
+store while it is decompressed, hashed again (diffID) and unpacked into a new layer
+directory -> publish blob and directory only when both digests match -> record the image.
+Layers and blobs already present are skipped, so a second pull downloads no blob.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+from ocistore import mediatypes as mt
+from ocistore.compression import decompressing_reader
+from ocistore.digest import Digest, VerifyingReader
+from ocistore.errors import (
+    ContentError,
+    DiffIDMismatchError,
+    Interrupted,
+    ManifestInvalidError,
+    PlatformNotFoundError,
+    SizeMismatchError,
+    UnsupportedMediaTypeError,
+)
+from ocistore.fsutil import file_lock
+from ocistore.model import (
+    MAX_CONFIG_BYTES,
+    Descriptor,
+    ImageConfig,
+    Index,
+    Manifest,
+    chain_ids,
+    parse_config,
+    parse_manifest,
+)
+from ocistore.platform import Platform, choose
+from ocistore.reference import Reference
+from ocistore.registry.client import RegistryClient
+from ocistore.store.content import BlobWriter
+from ocistore.store.metadata import ImageLayer, ImageRecord, LayerRecord
+from ocistore.unpack import unpack_layer
+
+if TYPE_CHECKING:
+    from ocistore.api import Store
+
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class PullEvent:
+    """Progress of a pull, for a UI to show. ``layer`` is None for image-wide events.
+
+    phases: resolving, resolved, waiting, downloading, verifying, unpacking,
+    already-exists, done.
+    """
+
+    phase: str
+    layer: str | None = None
+    current: int = 0
+    total: int | None = None
+    message: str = ""
+
+
+ProgressFn = Callable[[PullEvent], None]
+
+
+@dataclass(frozen=True)
+class PulledImage:
+    name: str
+    manifest_digest: Digest
+    index_digest: Digest | None
+    platform: Platform
+    layers_fetched: int
+    bytes_fetched: int
+    layers: list[str] = field(default_factory=list)
+
+
+class _Readable(Protocol):
+    def read(self, n: int = -1, /) -> bytes: ...
+
+
+class _Tee:
+    """Reads the registry's stream, writes every byte to the ingest file, reports progress,
+    refuses more bytes than the descriptor declared, and honours cancellation."""
+
+    def __init__(
+        self,
+        source: _Readable,
+        sink: Callable[[bytes], None] | None,
+        descriptor: Descriptor,
+        on_bytes: Callable[[int], None],
+        cancel: threading.Event,
+    ) -> None:
+        self._source = source
+        self._sink = sink
+        self._limit = descriptor.size
+        self._digest = descriptor.digest
+        self._on_bytes = on_bytes
+        self._cancel = cancel
+        self.count = 0
+
+    def read(self, n: int = -1, /) -> bytes:
+        if self._cancel.is_set():
+            raise Interrupted("pull interrupted")
+        data = self._source.read(_CHUNK if n < 0 else n)
+        if data:
+            self.count += len(data)
+            if self.count > self._limit:
+                raise SizeMismatchError(
+                    f"blob is larger than the {self._limit} bytes its descriptor says",
+                    digest=str(self._digest),
+                )
+            if self._sink is not None:
+                self._sink(data)
+            self._on_bytes(self.count)
+        return data
+
+
+class _Hashing:
+    """Hashes what passes through, in big chunks, while serving the tar reader's small reads."""
+
+    def __init__(self, source: _Readable) -> None:
+        self._source = source
+        self._hash = hashlib.sha256()
+        self._buf = memoryview(b"")
+        self._eof = False
+
+    def read(self, n: int = -1, /) -> bytes:
+        if not self._buf and not self._eof:
+            data = self._source.read(_CHUNK)
+            if data:
+                self._hash.update(data)
+                self._buf = memoryview(data)
+            else:
+                self._eof = True
+        if n < 0 or n >= len(self._buf):
+            out, self._buf = bytes(self._buf), memoryview(b"")
+        else:
+            out, self._buf = bytes(self._buf[:n]), self._buf[n:]
+        return out
+
+    def drain(self) -> None:
+        while self.read(_CHUNK):
+            pass
+
+    @property
+    def digest(self) -> Digest:
+        return Digest("sha256", self._hash.hexdigest())
+
+
+def _drain(stream: _Readable) -> None:
+    while stream.read(_CHUNK):
+        pass
+
+
+class Puller:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        platform: Platform | None,
+        jobs: int,
+        progress: ProgressFn | None,
+        cancel: threading.Event | None,
+        client_factory: Callable[[Reference], RegistryClient] | None = None,
+    ) -> None:
+        self.store = store
+        self.platform = platform
+        self.jobs = max(1, jobs)
+        self._emit = progress or (lambda event: None)
+        self.cancel = cancel or threading.Event()
+        self._client_factory = client_factory or (
+            lambda ref: RegistryClient.for_reference(ref, options=store.transport)
+        )
+        self._stats_lock = threading.Lock()
+        self.layers_fetched = 0
+        self.bytes_fetched = 0
+
+    # --- resolution ----------------------------------------------------------------------
+    def pull(self, ref: Reference) -> PulledImage:
+        client = self._client_factory(ref)
+        try:
+            return self._pull(ref, client)
+        finally:
+            client.close()
+
+    def _pull(self, ref: Reference, client: RegistryClient) -> PulledImage:
+        self._emit(PullEvent("resolving", message=str(ref)))
+        fetched = client.get_manifest(ref)
+        doc = parse_manifest(fetched.data, fetched.content_type)
+        index_digest: Digest | None = None
+        index_data: bytes | None = None
+        platform = self.platform
+        manifest_data, manifest_digest, manifest_type = fetched.data, fetched.digest, ""
+        if isinstance(doc, Index):
+            index_digest, index_data = fetched.digest, fetched.data
+            entry = self._choose(ref, doc)
+            platform = entry.platform
+            child = client.get_manifest(ref.with_digest(entry.digest))
+            if len(child.data) != entry.size:
+                raise SizeMismatchError(
+                    f"manifest {entry.digest} has {len(child.data)} bytes, the index says "
+                    f"{entry.size}",
+                    reference=str(ref),
+                    digest=str(entry.digest),
+                )
+            doc = parse_manifest(child.data, child.content_type)
+            if not isinstance(doc, Manifest):
+                raise ManifestInvalidError(
+                    f"index entry {entry.digest} is not an image manifest", reference=str(ref)
+                )
+            manifest_data, manifest_digest = child.data, child.digest
+        assert isinstance(doc, Manifest)
+        manifest_type = doc.media_type
+        self._emit(PullEvent("resolved", message=str(manifest_digest)))
+
+        for layer in doc.layers:
+            if layer.media_type not in mt.LAYER_COMPRESSION:
+                raise UnsupportedMediaTypeError(
+                    f"layer {layer.digest} has unsupported media type {layer.media_type!r}",
+                    reference=str(ref),
+                    digest=str(layer.digest),
+                )
+        config = self._config(ref, client, doc.config)
+        if platform is None:
+            platform = config.platform
+            if self.platform is not None and (
+                platform.os,
+                platform.architecture,
+            ) != (self.platform.os, self.platform.architecture):
+                raise PlatformNotFoundError(
+                    f"{ref} is a single-platform image for {platform}, not {self.platform}",
+                    reference=str(ref),
+                )
+        if len(config.diff_ids) != len(doc.layers):
+            raise ManifestInvalidError(
+                f"manifest has {len(doc.layers)} layers but its config lists "
+                f"{len(config.diff_ids)} diffIDs",
+                reference=str(ref),
+            )
+        self._fetch_layers(ref, client, doc.layers, config.diff_ids)
+
+        # Only now, with every blob and layer in place, does the image become visible.
+        content = self.store.content
+        if index_data is not None and index_digest is not None:
+            content.put(index_data, index_digest)
+        content.put(manifest_data, manifest_digest)
+        name = ref.store_name
+        chains = chain_ids(config.diff_ids)
+        self.store.metadata.put_image(
+            ImageRecord(
+                name=name,
+                manifest_digest=str(manifest_digest),
+                manifest_type=manifest_type,
+                manifest_size=len(manifest_data),
+                index_digest=str(index_digest) if index_digest else None,
+                config_digest=str(doc.config.digest),
+                platform=str(platform),
+                pulled=time.time(),
+            ),
+            [
+                ImageLayer(i, str(layer.digest), str(diff_id), str(chain))
+                for i, (layer, diff_id, chain) in enumerate(
+                    zip(doc.layers, config.diff_ids, chains, strict=True)
+                )
+            ],
+        )
+        content.set_ref(
+            name, Descriptor(manifest_type, manifest_digest, len(manifest_data), platform)
+        )
+        self._emit(PullEvent("done", message=str(manifest_digest)))
+        return PulledImage(
+            name=name,
+            manifest_digest=manifest_digest,
+            index_digest=index_digest,
+            platform=platform,
+            layers_fetched=self.layers_fetched,
+            bytes_fetched=self.bytes_fetched,
+            layers=[str(d) for d in config.diff_ids],
+        )
+
+    def _choose(self, ref: Reference, index: Index) -> Descriptor:
+        wanted = self.platform or Platform.host()
+        entries = [
+            d
+            for d in index.manifests
+            if d.platform is not None
+            and d.platform.os != "unknown"
+            and d.media_type in ("", *mt.MANIFEST_TYPES)
+        ]
+        pick = choose(wanted, [d.platform for d in entries if d.platform is not None])
+        if pick is None:
+            available = ", ".join(sorted({str(d.platform) for d in entries})) or "none"
+            raise PlatformNotFoundError(
+                f"{ref} has no image for {wanted}; available: {available}", reference=str(ref)
+            )
+        return entries[pick]
+
+    def _config(self, ref: Reference, client: RegistryClient, desc: Descriptor) -> ImageConfig:
+        content = self.store.content
+        if desc.size > MAX_CONFIG_BYTES:
+            raise ManifestInvalidError(
+                f"config {desc.digest} is {desc.size} bytes, over the limit", reference=str(ref)
+            )
+        if not content.has(desc.digest):
+            with client.open_blob(ref.repository, desc.digest) as (stream, _):
+                reader = VerifyingReader(stream, desc.digest, desc.size)
+                chunks = []
+                while chunk := reader.read(_CHUNK):
+                    chunks.append(chunk)
+            content.put(b"".join(chunks), desc.digest)
+        return parse_config(content.read(desc.digest))
+
+    # --- layers --------------------------------------------------------------------------
+    def _fetch_layers(
+        self,
+        ref: Reference,
+        client: RegistryClient,
+        layers: list[Descriptor],
+        diff_ids: list[Digest],
+    ) -> None:
+        for layer in layers:
+            self._emit(PullEvent("waiting", _short(layer.digest), 0, layer.size))
+        with ThreadPoolExecutor(self.jobs, thread_name_prefix="ocistore-layer") as pool:
+            futures: list[Future[None]] = [
+                pool.submit(self._ensure_layer, ref, client, layer, diff_id)
+                for layer, diff_id in zip(layers, diff_ids, strict=True)
+            ]
+            try:
+                done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+            except BaseException:
+                self.cancel.set()
+                raise
+            for future in done:
+                if future.exception() is not None:
+                    self.cancel.set()  # stop the other layers early
+                    for f in futures:
+                        f.cancel()
+                    break
+        for future in futures:
+            if not future.cancelled():
+                future.result()  # re-raise the first failure, in layer order
+
+    def _ensure_layer(
+        self, ref: Reference, client: RegistryClient, desc: Descriptor, diff_id: Digest
+    ) -> None:
+        store = self.store
+        short = _short(desc.digest)
+        compression = mt.LAYER_COMPRESSION[desc.media_type]
+        with file_lock(store.lock_path(diff_id)):
+            record = store.metadata.layer(str(diff_id))
+            if record is not None and not os.path.isdir(store.layer_dirs.path(record.dir)):
+                store.metadata.remove_layer(str(diff_id))  # its directory was lost: redo it
+                record = None
+            have_blob = store.content.has(desc.digest)
+            if record is not None and have_blob:
+                store.metadata.add_layer_blob(
+                    str(desc.digest), str(diff_id), desc.media_type, desc.size
+                )
+                self._emit(PullEvent("already-exists", short, desc.size, desc.size))
+                return
+            unpack = record is None
+            if have_blob:
+                with store.content.open(desc.digest) as f:
+                    source = VerifyingReader(f, desc.digest, desc.size)
+                    self._emit(PullEvent("unpacking", short, 0, desc.size))
+                    self._stream_layer(source, desc, diff_id, compression, unpack, None)
+            else:
+                with (
+                    client.open_blob(ref.repository, desc.digest) as (stream, _),
+                    store.content.writer(desc.digest, desc.size) as writer,
+                ):
+                    self._stream_layer(stream, desc, diff_id, compression, unpack, writer)
+                with self._stats_lock:
+                    self.layers_fetched += 1
+                    self.bytes_fetched += desc.size
+            if not unpack:
+                store.metadata.add_layer_blob(
+                    str(desc.digest), str(diff_id), desc.media_type, desc.size
+                )
+        self._emit(PullEvent("done", short, desc.size, desc.size))
+
+    def _stream_layer(
+        self,
+        source: _Readable,
+        desc: Descriptor,
+        diff_id: Digest,
+        compression: mt.Compression,
+        unpack: bool,
+        blob: BlobWriter | None,
+    ) -> None:
+        """One pass over the blob: write it, decompress it, hash it, unpack it.
+
+        Publishing order keeps every crash point consistent: the blob (verified) first, then
+        the layer directory, then its metadata row; a later pull finishes whatever is missing.
+        """
+        store = self.store
+        short = _short(desc.digest)
+        step = max(desc.size // 100, 1 << 16)
+        last = [0]
+
+        def on_bytes(count: int) -> None:
+            if count - last[0] >= step or count == desc.size:
+                last[0] = count
+                phase = "downloading" if blob else "unpacking"
+                self._emit(PullEvent(phase, short, count, desc.size))
+
+        tee = _Tee(source, blob.write if blob else None, desc, on_bytes, self.cancel)
+        uncompressed = _Hashing(decompressing_reader(tee, compression))
+        temp = store.layer_dirs.new_temp() if unpack else None
+        try:
+            try:
+                result = unpack_layer(uncompressed, temp, store.unpack_options) if temp else None
+                uncompressed.drain()  # the diffID covers every byte, also after the tar's end
+            except ContentError:
+                # Broken or hostile content may just be a registry serving the wrong bytes:
+                # if the blob's own digest does not match, that is the error to report.
+                _drain(tee)
+                if blob is not None:
+                    blob.verify()
+                raise
+            _drain(tee)
+            if tee.count != desc.size:
+                raise SizeMismatchError(
+                    f"blob has {tee.count} bytes, its descriptor says {desc.size}",
+                    digest=str(desc.digest),
+                )
+            if blob is not None:
+                self._emit(PullEvent("verifying", short, desc.size, desc.size))
+                blob.verify()  # the blob's own digest first: a lie there explains the rest
+            if uncompressed.digest != diff_id:
+                raise DiffIDMismatchError(
+                    f"layer {desc.digest} unpacks to {uncompressed.digest}, but the config "
+                    f"says its diffID is {diff_id}",
+                    digest=str(desc.digest),
+                )
+            if blob is not None:
+                blob.commit()
+            if temp is not None and result is not None:
+                name = store.layer_dirs.publish(temp)
+                temp = None
+                store.metadata.add_layer(
+                    LayerRecord(
+                        diff_id=str(diff_id),
+                        dir=name,
+                        size=result.size,
+                        entries=result.entries,
+                        opaque_root=result.opaque_root,
+                        whiteouts=store.unpack_options.whiteouts.value,
+                    ),
+                    str(desc.digest),
+                    desc.media_type,
+                    desc.size,
+                )
+        finally:
+            if temp is not None:
+                store.layer_dirs.remove(temp)
+
+
+def _short(digest: Digest) -> str:
+    return digest.hex[:12]

@@ -1,0 +1,335 @@
+"""A client for one registry host speaking the OCI distribution protocol (pull side).
+
+It fetches manifests and streams blobs; it stores nothing. Requests are retried on
+connection errors, 429 and 5xx with exponential backoff, jitter and ``Retry-After``; a 401
+with a fresh challenge re-authenticates once. Blob redirects (to a CDN, S3...) are followed
+by hand so that ``Authorization`` is never sent to another host.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import hashlib
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Protocol
+from urllib.parse import urljoin, urlsplit
+
+import requests
+
+from ocistore import mediatypes as mt
+from ocistore.digest import Digest
+from ocistore.errors import (
+    AuthError,
+    BlobNotFoundError,
+    DigestMismatchError,
+    ManifestInvalidError,
+    ManifestNotFoundError,
+    NetworkError,
+    RegistryError,
+)
+from ocistore.model import MAX_MANIFEST_BYTES
+from ocistore.reference import Reference
+from ocistore.registry.auth import Authenticator, Credentials, load_docker_credentials
+from ocistore.registry.transport import TransportOptions, is_insecure, make_session
+
+MAX_REDIRECTS = 5
+MAX_ATTEMPTS = 5
+_RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+_MAX_BACKOFF = 30.0
+
+
+@dataclass(frozen=True)
+class FetchedManifest:
+    data: bytes
+    content_type: str
+    digest: Digest
+
+
+class BlobStream(Protocol):
+    def read(self, n: int = -1, /) -> bytes: ...
+
+
+class RegistryClient:
+    def __init__(
+        self,
+        host: str,
+        *,
+        options: TransportOptions | None = None,
+        credentials: Credentials | None = None,
+        use_docker_config: bool = True,
+        registry_name: str | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.host = host
+        self.options = options or TransportOptions()
+        self.session, self.base_url = make_session(host, self.options)
+        name = registry_name or host
+        if credentials is None and use_docker_config:
+            credentials = load_docker_credentials(name)
+        self.auth = Authenticator(
+            host,
+            credentials,
+            session=self.session,
+            insecure=is_insecure(host, self.options),
+            timeout=self.options.timeout,
+        )
+        self._sleep = sleep
+        self._pinged = False
+        self._ping_lock = threading.Lock()
+
+    @classmethod
+    def for_reference(cls, ref: Reference, **kwargs: object) -> RegistryClient:
+        return cls(ref.api_host, registry_name=ref.registry, **kwargs)  # type: ignore[arg-type]
+
+    # --- requests ------------------------------------------------------------------------
+    def ping(self) -> None:
+        """GET /v2/ once, to learn how this registry wants us to authenticate."""
+        with self._ping_lock:
+            if self._pinged:
+                return
+            resp = self._send("GET", f"{self.base_url}/v2/", headers={}, stream=False)
+            if resp.status_code == 401:
+                self.auth.set_challenge(resp.headers.get("WWW-Authenticate"))
+            elif resp.status_code >= 400 and resp.status_code != 404:
+                raise RegistryError(
+                    f"{self.host} does not look like a registry (GET /v2/ answered "
+                    f"HTTP {resp.status_code})",
+                    status=resp.status_code,
+                )
+            resp.close()
+            self._pinged = True
+
+    def _send(
+        self,
+        method: str,
+        url: str,
+        *,
+        headers: dict[str, str],
+        stream: bool,
+        allow_redirects: bool = False,
+    ) -> requests.Response:
+        """One request with retries for transient failures; returns any final response."""
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                resp = self.session.request(
+                    method,
+                    url,
+                    headers=headers,
+                    stream=stream,
+                    timeout=self.options.timeout,
+                    allow_redirects=allow_redirects,
+                )
+            except requests.RequestException as exc:
+                if attempt >= MAX_ATTEMPTS:
+                    where = urlsplit(url).netloc
+                    raise NetworkError(
+                        f"cannot reach {where} after {attempt} attempts: {_describe(exc)}"
+                    ) from None
+                self._sleep(_backoff(attempt, None))
+                continue
+            if resp.status_code in _RETRY_STATUS and attempt < MAX_ATTEMPTS:
+                delay = _backoff(attempt, resp.headers.get("Retry-After"))
+                resp.close()
+                self._sleep(delay)
+                continue
+            return resp
+
+    def _authorized(
+        self, method: str, url: str, scope: str, headers: dict[str, str], *, stream: bool
+    ) -> requests.Response:
+        self.ping()
+        refreshed = False
+        while True:
+            all_headers = {**headers, **self.auth.headers(scope)}
+            resp = self._send(method, url, headers=all_headers, stream=stream)
+            if resp.status_code != 401:
+                return resp
+            resp.close()
+            challenge = resp.headers.get("WWW-Authenticate")
+            if refreshed:
+                who = "with the given credentials" if self.auth.credentials else "anonymously"
+                raise AuthError(
+                    f"{self.host} refused access {who} (HTTP 401 for {_scope_name(scope)})"
+                )
+            # A token may have expired early or the registry may want a new scope.
+            self.auth.set_challenge(challenge)
+            self.auth.invalidate(scope)
+            refreshed = True
+
+    # --- manifests -----------------------------------------------------------------------
+    def get_manifest(self, ref: Reference, accept: str = mt.MANIFEST_ACCEPT) -> FetchedManifest:
+        target = str(ref.digest) if ref.digest is not None else str(ref.tag)
+        url = f"{self.base_url}/v2/{ref.repository}/manifests/{target}"
+        scope = f"repository:{ref.repository}:pull"
+        resp = self._authorized("GET", url, scope, {"Accept": accept}, stream=True)
+        with resp:
+            if resp.status_code == 404:
+                raise ManifestNotFoundError(f"{ref} not found", reference=str(ref))
+            if resp.status_code == 403:
+                raise AuthError(
+                    f"{self.host} denied access to {ref.repository}", reference=str(ref)
+                )
+            if resp.status_code != 200:
+                raise RegistryError(
+                    f"{self.host} answered HTTP {resp.status_code} for the manifest of {ref}",
+                    status=resp.status_code,
+                    reference=str(ref),
+                )
+            data = _read_capped(resp, MAX_MANIFEST_BYTES, str(ref))
+            content_type = resp.headers.get("Content-Type", "")
+            header_digest = resp.headers.get("Docker-Content-Digest")
+        algorithm = ref.digest.algorithm if ref.digest is not None else "sha256"
+        digest = Digest(algorithm, hashlib.new(algorithm, data).hexdigest())
+        if ref.digest is not None and digest != ref.digest:
+            raise DigestMismatchError(
+                f"{self.host} served a manifest whose digest is {digest}, not {ref.digest}",
+                reference=str(ref),
+            )
+        if (
+            header_digest
+            and header_digest.startswith("sha256:")
+            and algorithm == "sha256"
+            and header_digest != str(digest)
+        ):
+            raise DigestMismatchError(
+                f"{self.host} says the manifest of {ref} is {header_digest} but its bytes "
+                f"hash to {digest}",
+                reference=str(ref),
+            )
+        return FetchedManifest(data, content_type, digest)
+
+    # --- blobs ---------------------------------------------------------------------------
+    @contextmanager
+    def open_blob(
+        self, repository: str, digest: Digest, *, offset: int = 0
+    ) -> Iterator[tuple[BlobStream, int]]:
+        """Stream a blob; yields (raw byte stream, offset it starts at).
+
+        With ``offset`` a Range is asked for; a registry that ignores it answers 200 and the
+        stream starts at 0, which the yielded offset says. The caller verifies the bytes.
+        """
+        url = f"{self.base_url}/v2/{repository}/blobs/{digest}"
+        scope = f"repository:{repository}:pull"
+        headers = {"Range": f"bytes={offset}-"} if offset else {}
+        resp = self._authorized("GET", url, scope, headers, stream=True)
+        hops = 0
+        while resp.is_redirect:
+            hops += 1
+            location = resp.headers.get("Location", "")
+            resp.close()
+            if hops > MAX_REDIRECTS or not location:
+                raise RegistryError(f"too many redirects fetching {digest}", digest=str(digest))
+            next_url = urljoin(url, location)
+            # Credentials belong to the registry: a CDN gets only a signed URL.
+            same_host = urlsplit(next_url).netloc == urlsplit(url).netloc
+            hop_headers = dict(headers)
+            if same_host:
+                hop_headers.update(self.auth.headers(scope))
+            url = next_url
+            resp = self._send("GET", url, headers=hop_headers, stream=True)
+        try:
+            if resp.status_code == 404:
+                raise BlobNotFoundError(
+                    f"blob {digest} not found in {self.host}/{repository}", digest=str(digest)
+                )
+            if resp.status_code in (401, 403):
+                raise AuthError(
+                    f"{urlsplit(url).netloc} denied access to blob {digest}", digest=str(digest)
+                )
+            if resp.status_code == 206 and offset:
+                start = offset
+            elif resp.status_code == 200:
+                start = 0
+            else:
+                raise RegistryError(
+                    f"{urlsplit(url).netloc} answered HTTP {resp.status_code} for blob {digest}",
+                    status=resp.status_code,
+                    digest=str(digest),
+                )
+            resp.raw.decode_content = False  # the blob's bytes, never a Content-Encoding view
+            yield _RawStream(resp, digest), start
+        finally:
+            resp.close()
+
+    def close(self) -> None:
+        self.session.close()
+
+
+class _RawStream:
+    """Adapts urllib3's raw stream: maps socket errors to NetworkError."""
+
+    def __init__(self, resp: requests.Response, digest: Digest) -> None:
+        self._raw = resp.raw
+        self._digest = digest
+
+    def read(self, n: int = -1, /) -> bytes:
+        try:
+            data: bytes = self._raw.read(None if n < 0 else n)
+        except Exception as exc:  # urllib3 raises a zoo of types for a broken stream
+            raise NetworkError(
+                f"connection broke while reading blob {self._digest}: {_describe(exc)}",
+                digest=str(self._digest),
+            ) from None
+        return data
+
+
+def _read_capped(resp: requests.Response, cap: int, what: str) -> bytes:
+    declared = resp.headers.get("Content-Length")
+    if declared and declared.isdigit() and int(declared) > cap:
+        raise ManifestInvalidError(f"manifest of {what} is {declared} bytes, over the limit")
+    chunks: list[bytes] = []
+    total = 0
+    try:
+        for chunk in resp.iter_content(65536):
+            total += len(chunk)
+            if total > cap:
+                raise ManifestInvalidError(f"manifest of {what} is over the {cap}-byte limit")
+            chunks.append(chunk)
+    except requests.RequestException as exc:
+        raise NetworkError(
+            f"connection broke reading manifest of {what}: {_describe(exc)}"
+        ) from None
+    return b"".join(chunks)
+
+
+def _backoff(attempt: int, retry_after: str | None) -> float:
+    if retry_after:
+        delay = _parse_retry_after(retry_after)
+        if delay is not None:
+            return min(delay, _MAX_BACKOFF)
+    base = min(_MAX_BACKOFF, 0.5 * 2 ** (attempt - 1))
+    return base / 2 + random.uniform(0, base / 2)
+
+
+def _parse_retry_after(value: str) -> float | None:
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, float(when.timestamp()) - time.time())
+
+
+def _scope_name(scope: str) -> str:
+    return scope.split(":")[1] if scope.count(":") >= 2 else scope
+
+
+def _describe(exc: BaseException) -> str:
+    # requests' messages embed full URLs and pool internals; the class name plus the
+    # innermost reason is what a person needs, and never carries a header value.
+    reason = exc
+    while reason.__context__ is not None and reason.__context__ is not reason:
+        reason = reason.__context__
+    text = str(reason).split("\n")[0]
+    if len(text) > 160:
+        text = text[:157] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

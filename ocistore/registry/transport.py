@@ -1,0 +1,92 @@
+"""HTTP sessions per registry host: scheme, TLS trust, proxies and timeouts.
+
+Plain HTTP is used only for loopback hosts and those the caller names insecure, as Docker
+does. HTTPS trusts the system CAs plus ``CERTS_DIR/HOST[:PORT]/*.crt`` (Docker's
+``/etc/docker/certs.d`` layout), with an optional client certificate pair from the same
+folder. Proxies come from the environment (requests' ``trust_env``).
+"""
+
+from __future__ import annotations
+
+import glob
+import ipaddress
+import os
+import ssl
+from dataclasses import dataclass, field
+from typing import Any
+
+import requests
+from requests.adapters import HTTPAdapter
+
+DEFAULT_CERTS_DIR = "/etc/docker/certs.d"
+# (connect, read): read is per socket read, not for the whole body, so big blobs are fine.
+DEFAULT_TIMEOUT = (15.0, 60.0)
+
+
+@dataclass(frozen=True)
+class TransportOptions:
+    insecure_registries: frozenset[str] = field(default_factory=frozenset)
+    certs_dir: str = DEFAULT_CERTS_DIR
+    timeout: tuple[float, float] = DEFAULT_TIMEOUT
+    user_agent: str = "ocistore/0.1"
+
+
+def is_loopback(host: str) -> bool:
+    name = host
+    if name.startswith("["):
+        name = name[1:].partition("]")[0]
+    elif name.count(":") == 1:
+        name = name.partition(":")[0]
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def is_insecure(host: str, options: TransportOptions) -> bool:
+    return is_loopback(host) or host in options.insecure_registries
+
+
+class _TrustAdapter(HTTPAdapter):
+    """An adapter whose TLS context trusts extra CA files as well as the system's."""
+
+    def __init__(self, ca_files: list[str]) -> None:
+        self._context = ssl.create_default_context()
+        for path in ca_files:
+            self._context.load_verify_locations(cafile=path)
+        super().__init__(pool_connections=4, pool_maxsize=16)
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["ssl_context"] = self._context
+        super().init_poolmanager(*args, **kwargs)
+
+    def build_connection_pool_key_attributes(  # type: ignore[override]
+        self, request: Any, verify: Any, cert: Any = None
+    ) -> tuple[Any, Any]:
+        # requests >= 2.32 builds pools from these; without our context it would trust
+        # certifi alone. urllib3 adds any ca_certs it is given to our context, not instead.
+        host_params, pool_kwargs = super().build_connection_pool_key_attributes(
+            request, verify, cert
+        )
+        pool_kwargs.pop("ca_certs", None)
+        pool_kwargs.pop("ca_cert_dir", None)
+        pool_kwargs["ssl_context"] = self._context
+        return host_params, pool_kwargs
+
+
+def make_session(host: str, options: TransportOptions) -> tuple[requests.Session, str]:
+    """A session for ``host`` and the base URL (``scheme://host``) to use with it."""
+    session = requests.Session()
+    session.headers["User-Agent"] = options.user_agent
+    scheme = "http" if is_insecure(host, options) else "https"
+    host_dir = os.path.join(options.certs_dir, host)
+    ca_files = sorted(glob.glob(os.path.join(host_dir, "*.crt")))
+    if ca_files:
+        session.mount(f"https://{host}", _TrustAdapter(ca_files))
+    cert = os.path.join(host_dir, "client.cert")
+    key = os.path.join(host_dir, "client.key")
+    if os.path.exists(cert) and os.path.exists(key):
+        session.cert = (cert, key)
+    return session, f"{scheme}://{host}"

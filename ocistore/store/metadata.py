@@ -1,0 +1,294 @@
+"""The store's metadata: an embedded sqlite database (WAL) in ``ROOT/metadata.db``.
+
+It maps layers (by diffID and chainID) to their directories, compressed blobs to the
+layer they unpack to, and image names to manifests. Writers in several processes are
+serialised by sqlite's own locking (``BEGIN IMMEDIATE`` with a busy timeout).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS layers (
+    diff_id     TEXT PRIMARY KEY,
+    dir         TEXT NOT NULL UNIQUE,
+    size        INTEGER NOT NULL,       -- bytes of file content in the directory
+    entries     INTEGER NOT NULL,
+    opaque_root INTEGER NOT NULL,       -- the layer hides every lower layer
+    whiteouts   TEXT NOT NULL,          -- 'overlay' or 'oci': how whiteouts sit on disk
+    created     REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS layer_blobs (
+    blob_digest TEXT PRIMARY KEY,       -- a compressed form of the layer
+    diff_id     TEXT NOT NULL,
+    media_type  TEXT NOT NULL,
+    size        INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS chains (
+    chain_id    TEXT PRIMARY KEY,
+    diff_id     TEXT NOT NULL,
+    parent      TEXT
+);
+CREATE TABLE IF NOT EXISTS images (
+    name            TEXT PRIMARY KEY,   -- normalised reference, e.g. docker.io/library/ubuntu:22.04
+    manifest_digest TEXT NOT NULL,
+    manifest_type   TEXT NOT NULL,
+    manifest_size   INTEGER NOT NULL,
+    index_digest    TEXT,
+    config_digest   TEXT NOT NULL,
+    platform        TEXT NOT NULL,
+    pulled          REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS image_layers (
+    name        TEXT NOT NULL REFERENCES images(name) ON DELETE CASCADE,
+    position    INTEGER NOT NULL,
+    blob_digest TEXT NOT NULL,
+    diff_id     TEXT NOT NULL,
+    chain_id    TEXT NOT NULL,
+    PRIMARY KEY (name, position)
+);
+CREATE INDEX IF NOT EXISTS image_layers_diff ON image_layers(diff_id);
+"""
+
+
+@dataclass(frozen=True)
+class LayerRecord:
+    diff_id: str
+    dir: str
+    size: int
+    entries: int
+    opaque_root: bool
+    whiteouts: str
+
+
+@dataclass(frozen=True)
+class ImageLayer:
+    position: int
+    blob_digest: str
+    diff_id: str
+    chain_id: str
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    name: str
+    manifest_digest: str
+    manifest_type: str
+    manifest_size: int
+    index_digest: str | None
+    config_digest: str
+    platform: str
+    pulled: float
+
+
+class Metadata:
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(
+            path, timeout=60.0, isolation_level=None, check_same_thread=False
+        )
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.executescript(_SCHEMA)
+        self._db.execute(
+            "INSERT OR IGNORE INTO meta(key, value) VALUES('schema', ?)", (str(SCHEMA_VERSION),)
+        )
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _query(self, sql: str, args: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+        with self._lock:
+            return list(self._db.execute(sql, args).fetchall())
+
+    # --- meta ----------------------------------------------------------------------------
+    def get_meta(self, key: str) -> str | None:
+        rows = self._query("SELECT value FROM meta WHERE key=?", (key,))
+        return str(rows[0][0]) if rows else None
+
+    def set_meta_default(self, key: str, value: str) -> str:
+        """Set ``key`` unless already set; returns the value in force."""
+        with self.transaction() as db:
+            db.execute("INSERT OR IGNORE INTO meta(key, value) VALUES(?, ?)", (key, value))
+            row = db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return str(row[0])
+
+    # --- layers --------------------------------------------------------------------------
+    def layer(self, diff_id: str) -> LayerRecord | None:
+        rows = self._query(
+            "SELECT diff_id, dir, size, entries, opaque_root, whiteouts FROM layers "
+            "WHERE diff_id=?",
+            (diff_id,),
+        )
+        return _layer(rows[0]) if rows else None
+
+    def layers(self) -> list[LayerRecord]:
+        rows = self._query(
+            "SELECT diff_id, dir, size, entries, opaque_root, whiteouts FROM layers ORDER BY dir"
+        )
+        return [_layer(r) for r in rows]
+
+    def add_layer(
+        self, record: LayerRecord, blob_digest: str, media_type: str, blob_size: int
+    ) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO layers(diff_id, dir, size, entries, opaque_root, whiteouts, created)"
+                " VALUES(?, ?, ?, ?, ?, ?, ?)",
+                (
+                    record.diff_id,
+                    record.dir,
+                    record.size,
+                    record.entries,
+                    int(record.opaque_root),
+                    record.whiteouts,
+                    time.time(),
+                ),
+            )
+            db.execute(
+                "INSERT OR REPLACE INTO layer_blobs(blob_digest, diff_id, media_type, size)"
+                " VALUES(?, ?, ?, ?)",
+                (blob_digest, record.diff_id, media_type, blob_size),
+            )
+
+    def add_layer_blob(self, blob_digest: str, diff_id: str, media_type: str, size: int) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO layer_blobs(blob_digest, diff_id, media_type, size)"
+                " VALUES(?, ?, ?, ?)",
+                (blob_digest, diff_id, media_type, size),
+            )
+
+    def blob_diff_id(self, blob_digest: str) -> str | None:
+        rows = self._query("SELECT diff_id FROM layer_blobs WHERE blob_digest=?", (blob_digest,))
+        return str(rows[0][0]) if rows else None
+
+    # --- images --------------------------------------------------------------------------
+    def put_image(self, image: ImageRecord, layers: list[ImageLayer]) -> None:
+        with self.transaction() as db:
+            db.execute("DELETE FROM images WHERE name=?", (image.name,))
+            db.execute(
+                "INSERT INTO images(name, manifest_digest, manifest_type, manifest_size,"
+                " index_digest, config_digest, platform, pulled) VALUES(?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    image.name,
+                    image.manifest_digest,
+                    image.manifest_type,
+                    image.manifest_size,
+                    image.index_digest,
+                    image.config_digest,
+                    image.platform,
+                    image.pulled,
+                ),
+            )
+            parent: str | None = None
+            for layer in layers:
+                db.execute(
+                    "INSERT INTO image_layers(name, position, blob_digest, diff_id, chain_id)"
+                    " VALUES(?, ?, ?, ?, ?)",
+                    (image.name, layer.position, layer.blob_digest, layer.diff_id, layer.chain_id),
+                )
+                db.execute(
+                    "INSERT OR IGNORE INTO chains(chain_id, diff_id, parent) VALUES(?, ?, ?)",
+                    (layer.chain_id, layer.diff_id, parent),
+                )
+                parent = layer.chain_id
+
+    def image(self, name: str) -> ImageRecord | None:
+        rows = self._query(_IMAGE_SELECT + " WHERE name=?", (name,))
+        return _image(rows[0]) if rows else None
+
+    def images(self) -> list[ImageRecord]:
+        return [_image(r) for r in self._query(_IMAGE_SELECT + " ORDER BY name")]
+
+    def images_by_digest(self, prefix: str) -> list[ImageRecord]:
+        rows = self._query(
+            _IMAGE_SELECT + " WHERE manifest_digest LIKE ? OR index_digest LIKE ? ORDER BY name",
+            (prefix + "%", prefix + "%"),
+        )
+        return [_image(r) for r in rows]
+
+    def image_layers(self, name: str) -> list[ImageLayer]:
+        rows = self._query(
+            "SELECT position, blob_digest, diff_id, chain_id FROM image_layers WHERE name=?"
+            " ORDER BY position",
+            (name,),
+        )
+        return [ImageLayer(int(str(p)), str(b), str(d), str(c)) for p, b, d, c in rows]
+
+    def remove_image(self, name: str) -> None:
+        with self.transaction() as db:
+            db.execute("DELETE FROM images WHERE name=?", (name,))
+
+    def referenced(self) -> tuple[set[str], set[str]]:
+        """(blob digests, layer diffIDs) that some image still needs."""
+        with self._lock:
+            blobs: set[str] = set()
+            for row in self._db.execute(
+                "SELECT manifest_digest, index_digest, config_digest FROM images"
+            ):
+                blobs.update(str(d) for d in row if d)
+            for (b,) in self._db.execute("SELECT blob_digest FROM image_layers"):
+                blobs.add(str(b))
+            diff_ids = {str(d) for (d,) in self._db.execute("SELECT diff_id FROM image_layers")}
+        return blobs, diff_ids
+
+    def remove_layer(self, diff_id: str) -> None:
+        with self.transaction() as db:
+            db.execute("DELETE FROM layers WHERE diff_id=?", (diff_id,))
+            db.execute("DELETE FROM layer_blobs WHERE diff_id=?", (diff_id,))
+            db.execute("DELETE FROM chains WHERE diff_id=?", (diff_id,))
+
+
+_IMAGE_SELECT = (
+    "SELECT name, manifest_digest, manifest_type, manifest_size, index_digest, config_digest,"
+    " platform, pulled FROM images"
+)
+
+
+def _layer(row: tuple[object, ...]) -> LayerRecord:
+    diff_id, directory, size, entries, opaque, whiteouts = row
+    return LayerRecord(
+        str(diff_id),
+        str(directory),
+        int(str(size)),
+        int(str(entries)),
+        bool(opaque),
+        str(whiteouts),
+    )
+
+
+def _image(row: tuple[object, ...]) -> ImageRecord:
+    name, manifest, mtype, msize, index, config, plat, pulled = row
+    return ImageRecord(
+        str(name),
+        str(manifest),
+        str(mtype),
+        int(str(msize)),
+        str(index) if index else None,
+        str(config),
+        str(plat),
+        float(str(pulled)),
+    )
