@@ -23,25 +23,39 @@ class _GzipReader:
         self._source = source
         self._z = zlib.decompressobj(wbits=31)
         self._buf = b""
+        self._pending = b""  # input left over from the previous gzip member
+        self._pos = 0  # read offset into _buf: slicing the rest off each time is quadratic
         self._eof = False
         self._started = False
 
     def read(self, n: int = -1, /) -> bytes:
         if n < 0:
             n = _CHUNK
-        while not self._buf and not self._eof:
+        while self._pos >= len(self._buf) and not self._eof:
+            self._pos = 0
             self._fill(n)
-        out, self._buf = self._buf[:n], self._buf[n:]
+        if self._pos == 0 and n >= len(self._buf):
+            out, self._buf = self._buf, b""
+            return out
+        out = self._buf[self._pos : self._pos + n]
+        self._pos += len(out)
         return out
 
     def _fill(self, n: int) -> None:
-        data = self._z.unconsumed_tail or self._source.read(_CHUNK)
+        self._buf = b""
+        data = self._pending or self._z.unconsumed_tail or self._source.read(_CHUNK)
+        self._pending = b""
         if not data:
             if not self._z.eof or not self._started:
                 raise LayerFormatError("gzip stream is truncated")
             self._eof = True
             return
         self._started = True
+        if self._z.eof:
+            # The previous member ended exactly at a chunk boundary: this is the next one.
+            if not data.startswith(b"\x1f\x8b"):
+                raise LayerFormatError("garbage after the end of the gzip stream")
+            self._z = zlib.decompressobj(wbits=31)
         try:
             self._buf = self._z.decompress(data, max(n, _CHUNK))
         except zlib.error as exc:
@@ -51,12 +65,17 @@ class _GzipReader:
             if rest:
                 if not rest.startswith(b"\x1f\x8b"):
                     raise LayerFormatError("garbage after the end of the gzip stream")
+                # The next member: decompress it through the normal path, so that a
+                # member ending inside ``rest`` has its own unused_data checked too.
                 self._z = zlib.decompressobj(wbits=31)
-                remainder = self._z.decompress(rest, _CHUNK)
-                self._buf += remainder
+                self._pending = rest
 
 
 class _ZstdReader:
+    """zstd frames back to back. Unlike gzip, a truncated zstd stream ends quietly here
+    (the library's bounded reader cannot tell); the blob digest and the diffID, both
+    checked over every byte, are what refuse it."""
+
     def __init__(self, source: Readable) -> None:
         import zstandard  # imported lazily: most layers are gzip
 

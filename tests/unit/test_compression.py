@@ -1,0 +1,98 @@
+"""Streaming decompression: every byte out, and broken streams refused."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+
+import pytest
+import zstandard
+
+from ocistore.compression import decompressing_reader
+from ocistore.errors import LayerFormatError
+
+PAYLOAD = os.urandom(300_000) + b"\0" * 3_000_000
+
+
+def _read_all(reader: object, size: int = 4096) -> bytes:
+    out = bytearray()
+    while chunk := reader.read(size):  # type: ignore[attr-defined]
+        out += chunk
+    return bytes(out)
+
+
+@pytest.mark.parametrize("size", [1, 512, 10240, 1 << 20])
+def test_gzip_round_trip_any_read_size(size: int) -> None:
+    reader = decompressing_reader(io.BytesIO(gzip.compress(PAYLOAD)), "gzip")
+    assert _read_all(reader, size) == PAYLOAD
+
+
+def test_gzip_multi_member_is_one_stream() -> None:
+    blob = gzip.compress(PAYLOAD[:1000]) + gzip.compress(PAYLOAD[1000:])
+    assert _read_all(decompressing_reader(io.BytesIO(blob), "gzip")) == PAYLOAD
+
+
+def test_gzip_trailing_garbage_is_refused() -> None:
+    blob = gzip.compress(b"hello") + b"garbage"
+    with pytest.raises(LayerFormatError, match="garbage"):
+        _read_all(decompressing_reader(io.BytesIO(blob), "gzip"))
+
+
+def test_gzip_truncated_is_refused() -> None:
+    blob = gzip.compress(PAYLOAD)
+    with pytest.raises(LayerFormatError, match="truncated"):
+        _read_all(decompressing_reader(io.BytesIO(blob[: len(blob) // 2]), "gzip"))
+
+
+def test_gzip_corrupt_is_refused() -> None:
+    blob = bytearray(gzip.compress(PAYLOAD))
+    blob[100:110] = b"\xff" * 10
+    with pytest.raises(LayerFormatError):
+        _read_all(decompressing_reader(io.BytesIO(bytes(blob)), "gzip"))
+
+
+def test_empty_gzip_stream_is_refused() -> None:
+    with pytest.raises(LayerFormatError):
+        _read_all(decompressing_reader(io.BytesIO(b""), "gzip"))
+
+
+def test_zstd_round_trip_multi_frame() -> None:
+    c = zstandard.ZstdCompressor()
+    blob = c.compress(PAYLOAD[:5000]) + c.compress(PAYLOAD[5000:])
+    assert _read_all(decompressing_reader(io.BytesIO(blob), "zstd")) == PAYLOAD
+
+
+def test_zstd_trailing_garbage_is_refused() -> None:
+    blob = zstandard.ZstdCompressor().compress(PAYLOAD) + b"garbage!garbage!"
+    with pytest.raises(LayerFormatError, match="zstd"):
+        _read_all(decompressing_reader(io.BytesIO(blob), "zstd"))
+
+
+def test_uncompressed_passes_through() -> None:
+    assert _read_all(decompressing_reader(io.BytesIO(PAYLOAD), "none")) == PAYLOAD
+
+
+def test_gzip_many_small_members_in_one_read() -> None:
+    blob = b"".join(gzip.compress(bytes([i]) * 10) for i in range(50))
+    expected = b"".join(bytes([i]) * 10 for i in range(50))
+    assert _read_all(decompressing_reader(io.BytesIO(blob), "gzip"), 7) == expected
+
+
+class _Exact:
+    """Hands out the stream in the given pieces, whatever size is asked for."""
+
+    def __init__(self, pieces: list[bytes]) -> None:
+        self.pieces = pieces
+
+    def read(self, n: int = -1) -> bytes:
+        return self.pieces.pop(0) if self.pieces else b""
+
+
+def test_gzip_member_boundary_on_read_boundary() -> None:
+    first, second = gzip.compress(b"a" * 100), gzip.compress(b"b" * 100)
+    reader = decompressing_reader(_Exact([first, second]), "gzip")
+    assert _read_all(reader) == b"a" * 100 + b"b" * 100
+    bad = decompressing_reader(_Exact([first, b"junk"]), "gzip")
+    with pytest.raises(LayerFormatError, match="garbage"):
+        _read_all(bad)
