@@ -13,8 +13,11 @@ DOCKER_HUB_API = "registry-1.docker.io"
 _HUB_ALIASES = {"docker.io", "index.docker.io", "registry-1.docker.io"}
 DEFAULT_TAG = "latest"
 
+# These are used with fullmatch(): with match(), '$' also matches before a trailing "\n",
+# so "ubuntu\n:latest" or "a.b\n/x" were accepted. re.ASCII keeps \w to [A-Za-z0-9_] as in
+# Docker's grammar; Python's default \w also accepts letters and digits of any script.
 _COMPONENT = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*$")
-_TAG = re.compile(r"^\w[\w.-]{0,127}$")
+_TAG = re.compile(r"^\w[\w.-]{0,127}$", re.ASCII)
 _HOST = re.compile(
     r"^(?:(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
     r"(?:\.(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9]))*|\[[0-9a-fA-F:.]+\])"
@@ -52,14 +55,14 @@ class Reference:
         colon = text.rfind(":")
         if colon > last:
             text, tag = text[:colon], text[colon + 1 :]
-            if not _TAG.match(tag):
+            if not _TAG.fullmatch(tag):
                 raise InvalidReferenceError(f"invalid reference {original!r}: bad tag {tag!r}")
         registry, path = _split_registry(text, original)
         if len(path) + len(registry) + 1 > _MAX_NAME:
             raise InvalidReferenceError(f"invalid reference {original!r}: name too long")
         for component in path.split("/"):
-            if not _COMPONENT.match(component):
-                if component.lower() != component and _COMPONENT.match(component.lower()):
+            if not _COMPONENT.fullmatch(component):
+                if component.lower() != component and _COMPONENT.fullmatch(component.lower()):
                     raise InvalidReferenceError(
                         f"invalid reference {original!r}: repository name must be lowercase"
                     )
@@ -113,7 +116,7 @@ def _split_registry(text: str, original: str) -> tuple[str, str]:
     # Docker's rule: the first component is a host only if it has '.' or ':', is
     # 'localhost', or has an uppercase letter (which no repository may have).
     if slash and ("." in first or ":" in first or first == "localhost" or first.lower() != first):
-        if not _HOST.match(first):
+        if not _HOST.fullmatch(first):
             raise InvalidReferenceError(f"invalid reference {original!r}: bad registry {first!r}")
         registry, path = first, rest
     else:

@@ -219,6 +219,7 @@ class RegistryClient:
         scope = f"repository:{repository}:pull"
         headers = {"Range": f"bytes={offset}-"} if offset else {}
         resp = self._authorized("GET", url, scope, headers, stream=True)
+        registry = urlsplit(url)
         hops = 0
         while resp.is_redirect:
             hops += 1
@@ -227,8 +228,13 @@ class RegistryClient:
             if hops > MAX_REDIRECTS or not location:
                 raise RegistryError(f"too many redirects fetching {digest}", digest=str(digest))
             next_url = urljoin(url, location)
-            # Credentials belong to the registry: a CDN gets only a signed URL.
-            same_host = urlsplit(next_url).netloc == urlsplit(url).netloc
+            # Credentials belong to the registry: a CDN gets only a signed URL. Compare with
+            # the registry's own origin, not the previous hop's: otherwise a CDN redirecting
+            # within itself (cdn/a -> cdn/b) was handed the registry's token on the second
+            # hop. The scheme is part of the origin so an https -> http redirect on the same
+            # host does not send the credentials in clear text.
+            target = urlsplit(next_url)
+            same_host = (target.scheme, target.netloc) == (registry.scheme, registry.netloc)
             hop_headers = dict(headers)
             if same_host:
                 hop_headers.update(self.auth.headers(scope))
@@ -304,7 +310,7 @@ def _backoff(attempt: int, retry_after: str | None) -> float:
         delay = _parse_retry_after(retry_after)
         if delay is not None:
             return min(delay, _MAX_BACKOFF)
-    base = min(_MAX_BACKOFF, 0.5 * 2 ** (attempt - 1))
+    base = min(_MAX_BACKOFF, 0.5 * 2.0 ** (attempt - 1))
     return base / 2 + random.uniform(0, base / 2)
 
 
