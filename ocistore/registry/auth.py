@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 
 import requests
 
-from ocistore.errors import AuthError, NetworkError
+from ocistore.errors import AuthError, NetworkError, RegistryError
 
 _DOCKER_HUB_KEYS = (
     "https://index.docker.io/v1/",
@@ -104,6 +104,12 @@ def load_docker_credentials(registry: str, config_dir: str | None = None) -> Cre
         helper = helpers.get(key) if isinstance(helpers, dict) else None
         if isinstance(helper, str) and helper:
             return _from_helper(helper, key)
+    store = config.get("credsStore")
+    if isinstance(store, str) and store:
+        # With a store configured, Docker keeps secrets there and "auths" only names hosts.
+        creds = _from_helper(store, keys[0])
+        if creds is not None:
+            return creds
     auths = config.get("auths") or {}
     if isinstance(auths, dict):
         for key, entry in auths.items():
@@ -111,9 +117,6 @@ def load_docker_credentials(registry: str, config_dir: str | None = None) -> Cre
                 creds = _from_auth_entry(entry)
                 if creds:
                     return creds
-    store = config.get("credsStore")
-    if isinstance(store, str) and store:
-        return _from_helper(store, keys[0])
     return None
 
 
@@ -170,6 +173,8 @@ class Authenticator:
         insecure: bool,
         timeout: tuple[float, float],
         clock: Callable[[], float] = time.monotonic,
+        fetch: Callable[[str, dict[str, str], tuple[str, str] | None], requests.Response]
+        | None = None,
     ) -> None:
         self.registry = registry
         self.credentials = credentials
@@ -177,6 +182,7 @@ class Authenticator:
         self._insecure = insecure
         self._timeout = timeout
         self._clock = clock
+        self._fetch = fetch or self._plain_fetch
         self._lock = threading.Lock()
         self._challenge: Challenge | None = None
         self._tokens: dict[str, _Token] = {}
@@ -235,19 +241,18 @@ class Authenticator:
         if self.credentials is not None:
             auth = (self.credentials.username, self.credentials.password)
         started = self._clock()
-        try:
-            resp = self._session.get(
-                realm, params=query, auth=auth, timeout=self._timeout, allow_redirects=True
-            )
-        except requests.RequestException as exc:
-            raise NetworkError(
-                f"cannot reach the token service of {self.registry} at {parts.netloc}: "
-                f"{type(exc).__name__}"
-            ) from None
+        resp = self._fetch(realm, query, auth)
+        resp.close()
         if resp.status_code in (401, 403):
             who = "the given credentials" if self.credentials else "anonymous access"
             raise AuthError(
                 f"{self.registry} token service refused {who} (HTTP {resp.status_code})"
+            )
+        if resp.status_code == 429 or resp.status_code >= 500:
+            raise RegistryError(
+                f"the token service of {self.registry} at {parts.netloc} answered HTTP "
+                f"{resp.status_code}",
+                status=resp.status_code,
             )
         if resp.status_code != 200:
             raise AuthError(f"{self.registry} token service answered HTTP {resp.status_code}")
@@ -261,4 +266,20 @@ class Authenticator:
         lifetime = doc.get("expires_in")
         if not isinstance(lifetime, (int, float)) or lifetime <= 0:
             lifetime = _DEFAULT_TOKEN_LIFETIME
-        return _Token(value, started + float(lifetime))
+        # Like Docker, treat anything shorter than the default as the default: otherwise
+        # a token shorter than the refresh margin would be fetched again for every request.
+        lifetime = max(float(lifetime), _DEFAULT_TOKEN_LIFETIME)
+        return _Token(value, started + lifetime)
+
+    def _plain_fetch(
+        self, url: str, params: dict[str, str], auth: tuple[str, str] | None
+    ) -> requests.Response:
+        try:
+            return self._session.get(
+                url, params=params, auth=auth, timeout=self._timeout, allow_redirects=True
+            )
+        except requests.RequestException as exc:
+            raise NetworkError(
+                f"cannot reach the token service of {self.registry} at {urlsplit(url).netloc}: "
+                f"{type(exc).__name__}"
+            ) from None

@@ -75,6 +75,7 @@ class RegistryClient:
             host,
             credentials,
             session=self.session,
+            fetch=self._fetch_token,
             insecure=is_insecure(host, self.options),
             timeout=self.options.timeout,
         )
@@ -93,6 +94,7 @@ class RegistryClient:
             if self._pinged:
                 return
             resp = self._send("GET", f"{self.base_url}/v2/", headers={}, stream=False)
+            resp.close()
             if resp.status_code == 401:
                 self.auth.set_challenge(resp.headers.get("WWW-Authenticate"))
             elif resp.status_code >= 400 and resp.status_code != 404:
@@ -101,7 +103,6 @@ class RegistryClient:
                     f"HTTP {resp.status_code})",
                     status=resp.status_code,
                 )
-            resp.close()
             self._pinged = True
 
     def _send(
@@ -112,9 +113,12 @@ class RegistryClient:
         headers: dict[str, str],
         stream: bool,
         allow_redirects: bool = False,
+        params: dict[str, str] | None = None,
+        auth: tuple[str, str] | None = None,
     ) -> requests.Response:
         """One request with retries for transient failures; returns any final response."""
         attempt = 0
+        where = urlsplit(url).netloc
         while True:
             attempt += 1
             try:
@@ -125,10 +129,23 @@ class RegistryClient:
                     stream=stream,
                     timeout=self.options.timeout,
                     allow_redirects=allow_redirects,
+                    params=params,
+                    auth=auth,
                 )
+            except requests.exceptions.SSLError as exc:
+                # Not transient: retrying cannot make an untrusted certificate trusted.
+                raise NetworkError(
+                    f"TLS with {where} failed ({_describe(exc)}); if it uses a private CA, "
+                    f"put it in {self.options.certs_dir}/{where}/ca.crt"
+                ) from None
+            except (
+                requests.exceptions.InvalidSchema,
+                requests.exceptions.InvalidURL,
+                requests.exceptions.MissingSchema,
+            ) as exc:
+                raise RegistryError(f"unusable URL for {where}: {_describe(exc)}") from None
             except requests.RequestException as exc:
                 if attempt >= MAX_ATTEMPTS:
-                    where = urlsplit(url).netloc
                     raise NetworkError(
                         f"cannot reach {where} after {attempt} attempts: {_describe(exc)}"
                     ) from None
@@ -140,6 +157,15 @@ class RegistryClient:
                 self._sleep(delay)
                 continue
             return resp
+
+    def _fetch_token(
+        self, url: str, params: dict[str, str], auth: tuple[str, str] | None
+    ) -> requests.Response:
+        # Through _send, so a token service's 429/5xx and dropped connections are retried
+        # like the registry's own.
+        return self._send(
+            "GET", url, headers={}, stream=False, allow_redirects=True, params=params, auth=auth
+        )
 
     def _authorized(
         self, method: str, url: str, scope: str, headers: dict[str, str], *, stream: bool

@@ -14,7 +14,7 @@ import requests
 import responses
 from responses import matchers
 
-from ocistore.errors import AuthError, NetworkError, OcistoreError
+from ocistore.errors import AuthError, NetworkError, OcistoreError, RegistryError
 from ocistore.registry.auth import (
     Authenticator,
     Challenge,
@@ -489,7 +489,7 @@ def _token_failure(kind: str, rsps: responses.RequestsMock) -> None:
     [
         ("401", AuthError),
         ("403", AuthError),
-        ("500", AuthError),
+        ("500", RegistryError),
         ("not-json", AuthError),
         ("no-token", AuthError),
         ("connection", NetworkError),
@@ -536,3 +536,29 @@ def test_refusals_before_any_request_do_not_contain_secrets(challenge: str) -> N
         auth.headers(SCOPE)
     assert PASSWORD not in str(info.value)
     assert _b64(f"alice:{PASSWORD}") not in str(info.value)
+
+
+def test_short_lived_tokens_are_kept_for_the_default_lifetime() -> None:
+    # Docker's rule: a token valid for less than 60 s is treated as a 60 s one, so a 5 s
+    # token is not fetched again for every single request.
+    clock = FakeClock(0.0)
+    with responses.RequestsMock() as rsps:
+        server = TokenServer(rsps, expires_in=5)
+        auth = _authenticator(clock=clock, challenge=HUB_CHALLENGE)
+        auth.headers(SCOPE)
+        clock.advance(30)
+        auth.headers(SCOPE)
+        assert len(server.requests) == 1
+        clock.advance(21)
+        assert auth.headers(SCOPE)["Authorization"] == "Bearer tok-2"
+
+
+def test_creds_store_wins_over_a_stale_auths_entry(
+    isolated_env: Path, helper_bin: Path, tmp_path: Path
+) -> None:
+    _install_helper(helper_bin, "store", tmp_path / "log", user="storeuser", secret=PASSWORD)
+    _write_config(
+        isolated_env,
+        {"credsStore": "store", "auths": {"ghcr.io": {"auth": _b64("stale:stale")}}},
+    )
+    assert load_docker_credentials("ghcr.io") == Credentials("storeuser", PASSWORD)

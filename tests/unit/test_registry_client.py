@@ -1153,3 +1153,38 @@ def test_tampered_blob_is_caught_by_the_verifying_reader(
         reader = VerifyingReader(stream, digest, len(image.config))
         with pytest.raises(DigestMismatchError):
             read_all(reader)
+
+
+def test_tls_failure_is_not_retried_and_says_where_the_ca_goes(
+    rsps: responses.RequestsMock,
+    options: TransportOptions,
+    sleeps: SleepRecorder,
+    busybox_musl_amd64: BusyboxImage,
+) -> None:
+    url = f"{HUB}/v2/"
+    rsps.get(url, body=requests.exceptions.SSLError("certificate verify failed"))
+    client = hub_client(options, sleeps)
+    with pytest.raises(NetworkError) as info:
+        client.get_manifest(Reference.parse("busybox:1.38.0"))
+    assert "ca.crt" in str(info.value) and "registry-1.docker.io" in str(info.value)
+    assert sleeps.calls == []
+    assert len(calls_to(rsps, url)) == 1
+
+
+def test_token_service_503_is_retried_like_the_registry(
+    rsps: responses.RequestsMock,
+    options: TransportOptions,
+    sleeps: SleepRecorder,
+    busybox_musl_amd64: BusyboxImage,
+) -> None:
+    FakeHub(rsps, busybox_musl_amd64)
+    client = hub_client(options, sleeps)
+    # FakeHub answers the token request normally; a failing first answer is put ahead of it.
+    token_url = "https://auth.docker.io/token"
+    rsps.add(responses.GET, token_url, status=503)
+    rsps.registered().insert(0, rsps.registered().pop())
+    fetched = client.get_manifest(Reference.parse("busybox:1.38.0"))
+    assert fetched.data == busybox_musl_amd64.index
+    assert len(sleeps.calls) == 1
+    statuses = [c.response.status_code for c in rsps.calls if c.request.url.startswith(token_url)]
+    assert statuses == [503, 200]
