@@ -286,7 +286,8 @@ class _TtyProgress(_Progress):
             else:
                 label = _LABELS.get(event.phase, event.phase)
                 if event.phase in ("downloading", "unpacking") and event.total:
-                    label += f" {_bar(event.current, event.total)} {_human(event.current)}/{_human(event.total)}"
+                    done, total = _human(event.current), _human(event.total)
+                    label += f" {_bar(event.current, event.total)} {done}/{total}"
                 self.lines[event.layer] = label
             now = time.monotonic()
             if event.phase in ("downloading", "unpacking") and now - self.last_draw < 0.1:

@@ -345,9 +345,14 @@ class Puller:
                     for f in futures:
                         f.cancel()
                     break
-        for future in futures:
-            if not future.cancelled():
-                future.result()  # re-raise the first failure, in layer order
+        errors = [exc for f in futures if not f.cancelled() and (exc := f.exception()) is not None]
+        # The layers stopped because another failed report Interrupted: the cause is the
+        # first error that is not that.
+        for exc in errors:
+            if not isinstance(exc, Interrupted):
+                raise exc
+        if errors:
+            raise errors[0]
 
     def _ensure_layer(
         self, ref: Reference, client: RegistryClient, desc: Descriptor, diff_id: Digest

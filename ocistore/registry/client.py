@@ -80,6 +80,7 @@ class RegistryClient:
             timeout=self.options.timeout,
         )
         self._sleep = sleep
+        self._insecure = is_insecure(host, self.options)
         self._pinged = False
         self._ping_lock = threading.Lock()
 
@@ -93,6 +94,8 @@ class RegistryClient:
         with self._ping_lock:
             if self._pinged:
                 return
+            if self._insecure:
+                self._probe_scheme()
             resp = self._send("GET", f"{self.base_url}/v2/", headers={}, stream=False)
             resp.close()
             if resp.status_code == 401:
@@ -104,6 +107,26 @@ class RegistryClient:
                     status=resp.status_code,
                 )
             self._pinged = True
+
+    def _probe_scheme(self) -> None:
+        """Docker's rule for loopback and --insecure-registry hosts: HTTPS if the host
+        speaks it (without verification if its certificate is not trusted), else HTTP."""
+        url = f"https://{self.host}/v2/"
+        try:
+            self.session.get(url, timeout=self.options.timeout, allow_redirects=False).close()
+            self.base_url = f"https://{self.host}"
+            return
+        except requests.exceptions.SSLError as exc:
+            if "certificate verify failed" in str(exc).lower():
+                import urllib3
+
+                urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
+                self.session.verify = False
+                self.base_url = f"https://{self.host}"
+                return
+        except requests.RequestException:
+            pass
+        self.base_url = f"http://{self.host}"
 
     def _send(
         self,
@@ -131,6 +154,8 @@ class RegistryClient:
                     allow_redirects=allow_redirects,
                     params=params,
                     auth=auth,
+                    # Explicit, or REQUESTS_CA_BUNDLE would override an unverified session.
+                    verify=self.session.verify,
                 )
             except requests.exceptions.SSLError as exc:
                 # Not transient: retrying cannot make an untrusted certificate trusted.
@@ -145,7 +170,7 @@ class RegistryClient:
             ) as exc:
                 raise RegistryError(f"unusable URL for {where}: {_describe(exc)}") from None
             except requests.RequestException as exc:
-                if attempt >= MAX_ATTEMPTS:
+                if attempt >= MAX_ATTEMPTS or _no_such_host(exc):
                     raise NetworkError(
                         f"cannot reach {where} after {attempt} attempts: {_describe(exc)}"
                     ) from None
@@ -192,6 +217,7 @@ class RegistryClient:
     # --- manifests -----------------------------------------------------------------------
     def get_manifest(self, ref: Reference, accept: str = mt.MANIFEST_ACCEPT) -> FetchedManifest:
         target = str(ref.digest) if ref.digest is not None else str(ref.tag)
+        self.ping()  # first: it settles the scheme the URL is built with
         url = f"{self.base_url}/v2/{ref.repository}/manifests/{target}"
         scope = f"repository:{ref.repository}:pull"
         resp = self._authorized("GET", url, scope, {"Accept": accept}, stream=True)
@@ -241,6 +267,7 @@ class RegistryClient:
         With ``offset`` a Range is asked for; a registry that ignores it answers 200 and the
         stream starts at 0, which the yielded offset says. The caller verifies the bytes.
         """
+        self.ping()  # first: it settles the scheme the URL is built with
         url = f"{self.base_url}/v2/{repository}/blobs/{digest}"
         scope = f"repository:{repository}:pull"
         headers = {"Range": f"bytes={offset}-"} if offset else {}
@@ -349,6 +376,12 @@ def _parse_retry_after(value: str) -> float | None:
     except (TypeError, ValueError):
         return None
     return max(0.0, float(when.timestamp()) - time.time())
+
+
+def _no_such_host(exc: BaseException) -> bool:
+    # A name that does not resolve will not resolve in a second either ("Temporary failure
+    # in name resolution" is the transient kind, and is retried).
+    return "Name or service not known" in str(exc) or "No address associated" in str(exc)
 
 
 def _scope_name(scope: str) -> str:

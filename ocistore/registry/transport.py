@@ -1,7 +1,8 @@
 """HTTP sessions per registry host: scheme, TLS trust, proxies and timeouts.
 
-Plain HTTP is used only for loopback hosts and those the caller names insecure, as Docker
-does. HTTPS trusts the system CAs plus ``CERTS_DIR/HOST[:PORT]/*.crt`` (Docker's
+Loopback hosts and those the caller names insecure may use plain HTTP, or HTTPS without
+verification, as with Docker (the client probes which); every other host is HTTPS only.
+HTTPS trusts the system CAs plus ``CERTS_DIR/HOST[:PORT]/*.crt`` (Docker's
 ``/etc/docker/certs.d`` layout), with an optional client certificate pair from the same
 folder. Proxies come from the environment (requests' ``trust_env``).
 """
@@ -62,7 +63,7 @@ class _TrustAdapter(HTTPAdapter):
         kwargs["ssl_context"] = self._context
         super().init_poolmanager(*args, **kwargs)
 
-    def build_connection_pool_key_attributes(  # type: ignore[override]
+    def build_connection_pool_key_attributes(
         self, request: Any, verify: Any, cert: Any = None
     ) -> tuple[Any, Any]:
         # requests >= 2.32 builds pools from these; without our context it would trust
@@ -77,10 +78,11 @@ class _TrustAdapter(HTTPAdapter):
 
 
 def make_session(host: str, options: TransportOptions) -> tuple[requests.Session, str]:
-    """A session for ``host`` and the base URL (``scheme://host``) to use with it."""
+    """A session for ``host`` and the base URL to start with (HTTPS; the client may fall
+    back for an insecure host)."""
     session = requests.Session()
     session.headers["User-Agent"] = options.user_agent
-    scheme = "http" if is_insecure(host, options) else "https"
+    scheme = "https"
     host_dir = os.path.join(options.certs_dir, host)
     ca_files = sorted(glob.glob(os.path.join(host_dir, "*.crt")))
     if ca_files:

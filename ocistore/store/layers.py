@@ -13,7 +13,7 @@ import secrets
 import shutil
 import stat
 
-from ocistore.fsutil import fsync_dir
+from ocistore.fsutil import fsync_dir, syncfs
 
 TMP_PREFIX = ".tmp-"
 
@@ -34,7 +34,8 @@ class LayerDirs:
         return path
 
     def publish(self, temp: str) -> str:
-        """Rename a finished temp directory to a fresh random name; returns the name."""
+        """Make a finished temp directory durable, then rename it to a fresh random name."""
+        syncfs(temp)
         while True:
             name = secrets.token_hex(13)
             final = self.path(name)

@@ -38,7 +38,7 @@ from ocistore.platform import Platform, choose
 from ocistore.reference import Reference
 from ocistore.registry.auth import Authenticator, Credentials
 from ocistore.registry.client import MAX_ATTEMPTS, MAX_REDIRECTS, RegistryClient
-from ocistore.registry.transport import TransportOptions
+from ocistore.registry.transport import TransportOptions, is_insecure
 from tests.unit.conftest import BusyboxImage, FakeClock, SleepRecorder
 
 HUB = "https://registry-1.docker.io"
@@ -977,38 +977,28 @@ def test_manifest_of_exactly_4_mib_is_accepted(
 
 
 @pytest.mark.parametrize(
-    ("host", "insecure", "base_url"),
+    ("host", "insecure", "expected"),
     [
-        ("127.0.0.1:5000", (), "http://127.0.0.1:5000"),
-        ("127.0.0.1", (), "http://127.0.0.1"),
-        ("127.0.0.2:5000", (), "http://127.0.0.2:5000"),
-        ("localhost", (), "http://localhost"),
-        ("localhost:5000", (), "http://localhost:5000"),
-        ("[::1]:5000", (), "http://[::1]:5000"),
-        ("ghcr.io", (), "https://ghcr.io"),
-        ("registry-1.docker.io", (), "https://registry-1.docker.io"),
-        ("registry.example.com:5000", (), "https://registry.example.com:5000"),
-        ("localhost.example.com", (), "https://localhost.example.com"),
-        ("127.0.0.1.nip.io:5000", (), "https://127.0.0.1.nip.io:5000"),
-        ("192.168.1.10:5000", (), "https://192.168.1.10:5000"),
-        (
-            "registry.example.com:5000",
-            ("registry.example.com:5000",),
-            "http://registry.example.com:5000",
-        ),
-        ("192.168.1.10:5000", ("192.168.1.10:5000",), "http://192.168.1.10:5000"),
+        ("127.0.0.1:5000", (), True),
+        ("127.0.0.1", (), True),
+        ("127.0.0.2:5000", (), True),
+        ("localhost", (), True),
+        ("localhost:5000", (), True),
+        ("[::1]:5000", (), True),
+        ("ghcr.io", (), False),
+        ("registry-1.docker.io", (), False),
+        ("registry.example.com:5000", (), False),
+        ("localhost.example.com", (), False),
+        ("127.0.0.1.nip.io:5000", (), False),
+        ("192.168.1.10:5000", (), False),
+        ("registry.example.com:5000", ("registry.example.com:5000",), True),
+        ("192.168.1.10:5000", ("192.168.1.10:5000",), True),
         # Insecure means that exact host[:port], not the same name on another port.
-        ("registry.example.com", ("registry.example.com:5000",), "https://registry.example.com"),
+        ("registry.example.com", ("registry.example.com:5000",), False),
     ],
 )
-def test_scheme_per_host(
-    tmp_path: Path, isolated_env: Path, host: str, insecure: tuple[str, ...], base_url: str
-) -> None:
-    options = TransportOptions(
-        insecure_registries=frozenset(insecure), certs_dir=str(tmp_path / "certs.d")
-    )
-    client = RegistryClient(host, options=options, use_docker_config=False, sleep=SleepRecorder())
-    assert client.base_url == base_url
+def test_which_hosts_are_insecure(host: str, insecure: tuple[str, ...], expected: bool) -> None:
+    assert is_insecure(host, TransportOptions(insecure_registries=frozenset(insecure))) is expected
 
 
 @pytest.mark.parametrize(
@@ -1040,7 +1030,25 @@ def test_requests_go_to_the_chosen_scheme(
     client = RegistryClient(host, options=options, use_docker_config=False, sleep=SleepRecorder())
     with pytest.raises(ManifestNotFoundError):
         client.get_manifest(Reference.parse(f"{host}/a:1"))
-    assert [c.request.url for c in rsps.calls] == [ping_url, f"{ping_url}a/manifests/1"]
+    urls = [c.request.url for c in rsps.calls]
+    if ping_url.startswith("http:"):
+        # Docker's rule for insecure hosts: HTTPS is tried first; it is not there (the mock
+        # refuses the connection), so plain HTTP it is.
+        assert urls[0] == f"https://{host}/v2/"
+        urls = urls[1:]
+    assert urls == [ping_url, f"{ping_url}a/manifests/1"]
+
+
+def test_insecure_host_that_speaks_https_stays_on_https(
+    rsps: responses.RequestsMock, tmp_path: Path, isolated_env: Path
+) -> None:
+    rsps.get("https://127.0.0.1:5000/v2/", status=200)
+    rsps.get("https://127.0.0.1:5000/v2/a/manifests/1", status=404)
+    options = TransportOptions(certs_dir=str(tmp_path / "certs.d"))
+    client = RegistryClient("127.0.0.1:5000", options=options, use_docker_config=False)
+    with pytest.raises(ManifestNotFoundError):
+        client.get_manifest(Reference.parse("127.0.0.1:5000/a:1"))
+    assert all(str(c.request.url).startswith("https://") for c in rsps.calls)
 
 
 def test_insecure_registry_may_use_a_plain_http_token_realm(
