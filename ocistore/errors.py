@@ -68,6 +68,18 @@ class PlatformNotFoundError(NotFoundError):
     """An index has no manifest for the requested platform."""
 
 
+class PathNotFoundError(NotFoundError):
+    """A path does not exist in an image's composed tree."""
+
+
+class ContainerNotFoundError(NotFoundError):
+    pass
+
+
+class VolumeNotFoundError(NotFoundError):
+    pass
+
+
 # --- the registry refused our credentials: exit 4 ----------------------------------------
 class AuthError(OcistoreError):
     exit_code = 4
@@ -142,6 +154,18 @@ class StoreLockedError(StorageError):
 
 class ImageInUseError(StorageError):
     pass
+
+
+class InUseError(StorageError):
+    """A container, volume or image is used by something that must go first."""
+
+
+class MountError(StorageError):
+    """A mount (overlayfs, bind) could not be made or removed."""
+
+
+class AlreadyExistsError(UsageError):
+    """A name (container, volume) is taken."""
 
 
 class Interrupted(OcistoreError):
