@@ -24,7 +24,8 @@ from ocistore.errors import (
 )
 from ocistore.fsutil import file_lock
 from ocistore.platform import Platform
-from ocistore.pull import ProgressFn, PulledImage, Puller
+from ocistore.progress import ProgressFn
+from ocistore.pull import PulledImage, Puller
 from ocistore.reference import Reference
 from ocistore.registry.transport import TransportOptions
 from ocistore.store.content import ContentStore

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, TextIO
 
 if TYPE_CHECKING:
     from ocistore.api import Store
-    from ocistore.pull import PullEvent
+    from ocistore.progress import PullEvent
 
 EXIT_CODES = """\
 exit codes:

@@ -9,28 +9,23 @@ Layers and blobs already present are skipped, so a second pull downloads no blob
 
 from __future__ import annotations
 
-import hashlib
-import os
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 from ocistore import mediatypes as mt
-from ocistore.compression import decompressing_reader
 from ocistore.digest import Digest, VerifyingReader
 from ocistore.errors import (
-    ContentError,
-    DiffIDMismatchError,
     Interrupted,
     ManifestInvalidError,
     PlatformNotFoundError,
     SizeMismatchError,
     UnsupportedMediaTypeError,
 )
-from ocistore.fsutil import file_lock
+from ocistore.ingest import LayerIngester, short_digest
 from ocistore.model import (
     MAX_CONFIG_BYTES,
     Descriptor,
@@ -42,34 +37,15 @@ from ocistore.model import (
     parse_manifest,
 )
 from ocistore.platform import Platform, choose
+from ocistore.progress import ProgressFn, PullEvent
 from ocistore.reference import Reference
 from ocistore.registry.client import RegistryClient
-from ocistore.store.content import BlobWriter
-from ocistore.store.metadata import ImageLayer, ImageRecord, LayerRecord
-from ocistore.unpack import unpack_layer
+from ocistore.store.metadata import ImageLayer, ImageRecord
 
 if TYPE_CHECKING:
     from ocistore.api import Store
 
 _CHUNK = 1 << 20
-
-
-@dataclass(frozen=True)
-class PullEvent:
-    """Progress of a pull, for a UI to show. ``layer`` is None for image-wide events.
-
-    phases: resolving, resolved, waiting, downloading, verifying, unpacking,
-    already-exists, done.
-    """
-
-    phase: str
-    layer: str | None = None
-    current: int = 0
-    total: int | None = None
-    message: str = ""
-
-
-ProgressFn = Callable[[PullEvent], None]
 
 
 @dataclass(frozen=True)
@@ -81,84 +57,6 @@ class PulledImage:
     layers_fetched: int
     bytes_fetched: int
     layers: list[str] = field(default_factory=list)
-
-
-class _Readable(Protocol):
-    def read(self, n: int = -1, /) -> bytes: ...
-
-
-class _Tee:
-    """Reads the registry's stream, writes every byte to the ingest file, reports progress,
-    refuses more bytes than the descriptor declared, and honours cancellation."""
-
-    def __init__(
-        self,
-        source: _Readable,
-        sink: Callable[[bytes], None] | None,
-        descriptor: Descriptor,
-        on_bytes: Callable[[int], None],
-        cancel: threading.Event,
-    ) -> None:
-        self._source = source
-        self._sink = sink
-        self._limit = descriptor.size
-        self._digest = descriptor.digest
-        self._on_bytes = on_bytes
-        self._cancel = cancel
-        self.count = 0
-
-    def read(self, n: int = -1, /) -> bytes:
-        if self._cancel.is_set():
-            raise Interrupted("pull interrupted")
-        data = self._source.read(_CHUNK if n < 0 else n)
-        if data:
-            self.count += len(data)
-            if self.count > self._limit:
-                raise SizeMismatchError(
-                    f"blob is larger than the {self._limit} bytes its descriptor says",
-                    digest=str(self._digest),
-                )
-            if self._sink is not None:
-                self._sink(data)
-            self._on_bytes(self.count)
-        return data
-
-
-class _Hashing:
-    """Hashes what passes through, in big chunks, while serving the tar reader's small reads."""
-
-    def __init__(self, source: _Readable) -> None:
-        self._source = source
-        self._hash = hashlib.sha256()
-        self._buf = memoryview(b"")
-        self._eof = False
-
-    def read(self, n: int = -1, /) -> bytes:
-        if not self._buf and not self._eof:
-            data = self._source.read(_CHUNK)
-            if data:
-                self._hash.update(data)
-                self._buf = memoryview(data)
-            else:
-                self._eof = True
-        if n < 0 or n >= len(self._buf):
-            out, self._buf = bytes(self._buf), memoryview(b"")
-        else:
-            out, self._buf = bytes(self._buf[:n]), self._buf[n:]
-        return out
-
-    def drain(self) -> None:
-        while self.read(_CHUNK):
-            pass
-
-    @property
-    def digest(self) -> Digest:
-        return Digest("sha256", self._hash.hexdigest())
-
-
-def _drain(stream: _Readable) -> None:
-    while stream.read(_CHUNK):
-        pass
 
 
 class Puller:
@@ -181,6 +79,7 @@ class Puller:
             lambda ref: RegistryClient.for_reference(ref, options=store.transport)
         )
         self._stats_lock = threading.Lock()
+        self._ingester = LayerIngester(store, emit=self._emit, cancel=self.cancel)
         self.layers_fetched = 0
         self.bytes_fetched = 0
 
@@ -328,7 +227,7 @@ class Puller:
         diff_ids: list[Digest],
     ) -> None:
         for layer in layers:
-            self._emit(PullEvent("waiting", _short(layer.digest), 0, layer.size))
+            self._emit(PullEvent("waiting", short_digest(layer.digest), 0, layer.size))
         with ThreadPoolExecutor(self.jobs, thread_name_prefix="ocistore-layer") as pool:
             futures: list[Future[None]] = [
                 pool.submit(self._ensure_layer, ref, client, layer, diff_id)
@@ -357,118 +256,10 @@ class Puller:
     def _ensure_layer(
         self, ref: Reference, client: RegistryClient, desc: Descriptor, diff_id: Digest
     ) -> None:
-        store = self.store
-        short = _short(desc.digest)
-        compression = mt.LAYER_COMPRESSION[desc.media_type]
-        with file_lock(store.lock_path(diff_id)):
-            record = store.metadata.layer(str(diff_id))
-            if record is not None and not os.path.isdir(store.layer_dirs.path(record.dir)):
-                store.metadata.remove_layer(str(diff_id))  # its directory was lost: redo it
-                record = None
-            have_blob = store.content.has(desc.digest)
-            if record is not None and have_blob:
-                store.metadata.add_layer_blob(
-                    str(desc.digest), str(diff_id), desc.media_type, desc.size
-                )
-                self._emit(PullEvent("already-exists", short, desc.size, desc.size))
-                return
-            unpack = record is None
-            if have_blob:
-                with store.content.open(desc.digest) as f:
-                    source = VerifyingReader(f, desc.digest, desc.size)
-                    self._emit(PullEvent("unpacking", short, 0, desc.size))
-                    self._stream_layer(source, desc, diff_id, compression, unpack, None)
-            else:
-                with (
-                    client.open_blob(ref.repository, desc.digest) as (stream, _),
-                    store.content.writer(desc.digest, desc.size) as writer,
-                ):
-                    self._stream_layer(stream, desc, diff_id, compression, unpack, writer)
-                with self._stats_lock:
-                    self.layers_fetched += 1
-                    self.bytes_fetched += desc.size
-            if not unpack:
-                store.metadata.add_layer_blob(
-                    str(desc.digest), str(diff_id), desc.media_type, desc.size
-                )
-        self._emit(PullEvent("done", short, desc.size, desc.size))
-
-    def _stream_layer(
-        self,
-        source: _Readable,
-        desc: Descriptor,
-        diff_id: Digest,
-        compression: mt.Compression,
-        unpack: bool,
-        blob: BlobWriter | None,
-    ) -> None:
-        """One pass over the blob: write it, decompress it, hash it, unpack it.
-
-        Publishing order keeps every crash point consistent: the blob (verified) first, then
-        the layer directory, then its metadata row; a later pull finishes whatever is missing.
-        """
-        store = self.store
-        short = _short(desc.digest)
-        step = max(desc.size // 100, 1 << 16)
-        last = [0]
-
-        def on_bytes(count: int) -> None:
-            if count - last[0] >= step or count == desc.size:
-                last[0] = count
-                phase = "downloading" if blob else "unpacking"
-                self._emit(PullEvent(phase, short, count, desc.size))
-
-        tee = _Tee(source, blob.write if blob else None, desc, on_bytes, self.cancel)
-        uncompressed = _Hashing(decompressing_reader(tee, compression))
-        temp = store.layer_dirs.new_temp() if unpack else None
-        try:
-            try:
-                result = unpack_layer(uncompressed, temp, store.unpack_options) if temp else None
-                uncompressed.drain()  # the diffID covers every byte, also after the tar's end
-            except ContentError:
-                # Broken or hostile content may just be a registry serving the wrong bytes:
-                # if the blob's own digest does not match, that is the error to report.
-                _drain(tee)
-                if blob is not None:
-                    blob.verify()
-                raise
-            _drain(tee)
-            if tee.count != desc.size:
-                raise SizeMismatchError(
-                    f"blob has {tee.count} bytes, its descriptor says {desc.size}",
-                    digest=str(desc.digest),
-                )
-            if blob is not None:
-                self._emit(PullEvent("verifying", short, desc.size, desc.size))
-                blob.verify()  # the blob's own digest first: a lie there explains the rest
-            if uncompressed.digest != diff_id:
-                raise DiffIDMismatchError(
-                    f"layer {desc.digest} unpacks to {uncompressed.digest}, but the config "
-                    f"says its diffID is {diff_id}",
-                    digest=str(desc.digest),
-                )
-            if blob is not None:
-                blob.commit()
-            if temp is not None and result is not None:
-                name = store.layer_dirs.publish(temp)
-                temp = None
-                store.metadata.add_layer(
-                    LayerRecord(
-                        diff_id=str(diff_id),
-                        dir=name,
-                        size=result.size,
-                        entries=result.entries,
-                        opaque_root=result.opaque_root,
-                        whiteouts=store.unpack_options.whiteouts.value,
-                    ),
-                    str(desc.digest),
-                    desc.media_type,
-                    desc.size,
-                )
-        finally:
-            if temp is not None:
-                store.layer_dirs.remove(temp)
-
-
-def _short(digest: Digest) -> str:
-    return digest.hex[:12]
+        fetched = self._ingester.ensure(
+            desc, diff_id, lambda: client.open_blob(ref.repository, desc.digest)
+        )
+        if fetched:
+            with self._stats_lock:
+                self.layers_fetched += 1
+                self.bytes_fetched += fetched

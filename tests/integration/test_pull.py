@@ -13,7 +13,7 @@ import pytest
 
 from ocistore import Store
 from ocistore.errors import AuthError, Interrupted, PlatformNotFoundError
-from ocistore.pull import PullEvent
+from ocistore.progress import PullEvent
 from ocistore.registry.transport import TransportOptions
 
 from . import trees

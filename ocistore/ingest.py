@@ -1,0 +1,254 @@
+"""Layer ingestion: one pass over a layer blob writes it to the content store, decompresses
+it, hashes the uncompressed stream (the diffID) and unpacks it into a new layer directory.
+
+Used by pull (blobs from a registry) and by commit (a blob just written locally). Nothing
+becomes visible before both digests matched: the blob is published first, then the layer
+directory, then its metadata row, so every crash point leaves something a later run
+completes or a prune removes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING, Protocol
+
+from ocistore import mediatypes as mt
+from ocistore.compression import decompressing_reader
+from ocistore.digest import Digest, VerifyingReader
+from ocistore.errors import (
+    BlobNotFoundError,
+    ContentError,
+    DiffIDMismatchError,
+    Interrupted,
+    SizeMismatchError,
+)
+from ocistore.fsutil import file_lock
+from ocistore.model import Descriptor
+from ocistore.progress import ProgressFn, PullEvent
+from ocistore.store.content import BlobWriter
+from ocistore.store.metadata import LayerRecord
+from ocistore.unpack import unpack_layer
+
+if TYPE_CHECKING:
+    from ocistore.api import Store
+
+_CHUNK = 1 << 20
+
+
+class _Readable(Protocol):
+    def read(self, n: int = -1, /) -> bytes: ...
+
+
+class _Tee:
+    """Reads the registry's stream, writes every byte to the ingest file, reports progress,
+    refuses more bytes than the descriptor declared, and honours cancellation."""
+
+    def __init__(
+        self,
+        source: _Readable,
+        sink: Callable[[bytes], None] | None,
+        descriptor: Descriptor,
+        on_bytes: Callable[[int], None],
+        cancel: threading.Event,
+    ) -> None:
+        self._source = source
+        self._sink = sink
+        self._limit = descriptor.size
+        self._digest = descriptor.digest
+        self._on_bytes = on_bytes
+        self._cancel = cancel
+        self.count = 0
+
+    def read(self, n: int = -1, /) -> bytes:
+        if self._cancel.is_set():
+            raise Interrupted("pull interrupted")
+        data = self._source.read(_CHUNK if n < 0 else n)
+        if data:
+            self.count += len(data)
+            if self.count > self._limit:
+                raise SizeMismatchError(
+                    f"blob is larger than the {self._limit} bytes its descriptor says",
+                    digest=str(self._digest),
+                )
+            if self._sink is not None:
+                self._sink(data)
+            self._on_bytes(self.count)
+        return data
+
+
+class _Hashing:
+    """Hashes what passes through, in big chunks, while serving the tar reader's small reads."""
+
+    def __init__(self, source: _Readable) -> None:
+        self._source = source
+        self._hash = hashlib.sha256()
+        self._buf = memoryview(b"")
+        self._eof = False
+
+    def read(self, n: int = -1, /) -> bytes:
+        if not self._buf and not self._eof:
+            data = self._source.read(_CHUNK)
+            if data:
+                self._hash.update(data)
+                self._buf = memoryview(data)
+            else:
+                self._eof = True
+        if n < 0 or n >= len(self._buf):
+            out, self._buf = bytes(self._buf), memoryview(b"")
+        else:
+            out, self._buf = bytes(self._buf[:n]), self._buf[n:]
+        return out
+
+    def drain(self) -> None:
+        while self.read(_CHUNK):
+            pass
+
+    @property
+    def digest(self) -> Digest:
+        return Digest("sha256", self._hash.hexdigest())
+
+
+def _drain(stream: _Readable) -> None:
+    while stream.read(_CHUNK):
+        pass
+
+
+OpenRemote = Callable[[], AbstractContextManager[tuple[_Readable, int]]]
+
+
+class LayerIngester:
+    def __init__(self, store: Store, *, emit: ProgressFn, cancel: threading.Event) -> None:
+        self.store = store
+        self._emit = emit
+        self.cancel = cancel
+
+    def ensure(self, desc: Descriptor, diff_id: Digest, remote: OpenRemote | None) -> int:
+        """Make the layer's blob and directory present; returns the blob bytes fetched.
+
+        ``remote`` opens the blob at its registry; None when it must already be local.
+        Under a per-diffID file lock, so concurrent pulls (threads or processes) of one
+        layer unpack it once.
+        """
+        store = self.store
+        short = short_digest(desc.digest)
+        compression = mt.LAYER_COMPRESSION[desc.media_type]
+        with file_lock(store.lock_path(diff_id)):
+            record = store.metadata.layer(str(diff_id))
+            if record is not None and not os.path.isdir(store.layer_dirs.path(record.dir)):
+                store.metadata.remove_layer(str(diff_id))  # its directory was lost: redo it
+                record = None
+            have_blob = store.content.has(desc.digest)
+            if record is not None and have_blob:
+                store.metadata.add_layer_blob(
+                    str(desc.digest), str(diff_id), desc.media_type, desc.size
+                )
+                self._emit(PullEvent("already-exists", short, desc.size, desc.size))
+                return 0
+            fetched = 0
+            unpack = record is None
+            if have_blob:
+                with store.content.open(desc.digest) as f:
+                    source = VerifyingReader(f, desc.digest, desc.size)
+                    self._emit(PullEvent("unpacking", short, 0, desc.size))
+                    self._stream_layer(source, desc, diff_id, compression, unpack, None)
+            elif remote is None:
+                raise BlobNotFoundError(
+                    f"layer blob {desc.digest} is not in the store", digest=str(desc.digest)
+                )
+            else:
+                with (
+                    remote() as (stream, _),
+                    store.content.writer(desc.digest, desc.size) as writer,
+                ):
+                    self._stream_layer(stream, desc, diff_id, compression, unpack, writer)
+                fetched = desc.size
+            if not unpack:
+                store.metadata.add_layer_blob(
+                    str(desc.digest), str(diff_id), desc.media_type, desc.size
+                )
+        self._emit(PullEvent("done", short, desc.size, desc.size))
+        return fetched
+
+    def _stream_layer(
+        self,
+        source: _Readable,
+        desc: Descriptor,
+        diff_id: Digest,
+        compression: mt.Compression,
+        unpack: bool,
+        blob: BlobWriter | None,
+    ) -> None:
+        """One pass over the blob: write it, decompress it, hash it, unpack it.
+
+        Publishing order keeps every crash point consistent: the blob (verified) first, then
+        the layer directory, then its metadata row; a later pull finishes whatever is missing.
+        """
+        store = self.store
+        short = short_digest(desc.digest)
+        step = max(desc.size // 100, 1 << 16)
+        last = [0]
+
+        def on_bytes(count: int) -> None:
+            if count - last[0] >= step or count == desc.size:
+                last[0] = count
+                phase = "downloading" if blob else "unpacking"
+                self._emit(PullEvent(phase, short, count, desc.size))
+
+        tee = _Tee(source, blob.write if blob else None, desc, on_bytes, self.cancel)
+        uncompressed = _Hashing(decompressing_reader(tee, compression))
+        temp = store.layer_dirs.new_temp() if unpack else None
+        try:
+            try:
+                result = unpack_layer(uncompressed, temp, store.unpack_options) if temp else None
+                uncompressed.drain()  # the diffID covers every byte, also after the tar's end
+            except ContentError:
+                # Broken or hostile content may just be a registry serving the wrong bytes:
+                # if the blob's own digest does not match, that is the error to report.
+                _drain(tee)
+                if blob is not None:
+                    blob.verify()
+                raise
+            _drain(tee)
+            if tee.count != desc.size:
+                raise SizeMismatchError(
+                    f"blob has {tee.count} bytes, its descriptor says {desc.size}",
+                    digest=str(desc.digest),
+                )
+            if blob is not None:
+                self._emit(PullEvent("verifying", short, desc.size, desc.size))
+                blob.verify()  # the blob's own digest first: a lie there explains the rest
+            if uncompressed.digest != diff_id:
+                raise DiffIDMismatchError(
+                    f"layer {desc.digest} unpacks to {uncompressed.digest}, but the config "
+                    f"says its diffID is {diff_id}",
+                    digest=str(desc.digest),
+                )
+            if blob is not None:
+                blob.commit()
+            if temp is not None and result is not None:
+                name = store.layer_dirs.publish(temp)
+                temp = None
+                store.metadata.add_layer(
+                    LayerRecord(
+                        diff_id=str(diff_id),
+                        dir=name,
+                        size=result.size,
+                        entries=result.entries,
+                        opaque_root=result.opaque_root,
+                        whiteouts=store.unpack_options.whiteouts.value,
+                    ),
+                    str(desc.digest),
+                    desc.media_type,
+                    desc.size,
+                )
+        finally:
+            if temp is not None:
+                store.layer_dirs.remove(temp)
+
+
+def short_digest(digest: Digest) -> str:
+    return digest.hex[:12]
