@@ -143,6 +143,30 @@ class ContentStore:
         finally:
             writer.abort()  # no-op after a successful commit: the partial file is gone
 
+    def ingest_temp(self) -> tuple[int, str]:
+        """A new temp file in ``ingest/`` (same filesystem as ``blobs/``): (fd, path)."""
+        import tempfile
+
+        return tempfile.mkstemp(dir=self.ingest_dir, prefix="local-", suffix=".partial")
+
+    def adopt(self, path: str, digest: Digest) -> None:
+        """Publish a file this process wrote into ``ingest/`` and hashed while writing:
+        re-verified (it is read once more, but locally made blobs are small next to the
+        cost of a wrong one), fsynced, made read-only and renamed into place."""
+        h = digest.hasher()
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+            os.fsync(f.fileno())
+        if h.hexdigest() != digest.hex:
+            os.unlink(path)
+            raise DigestMismatchError(f"local blob does not match {digest}", digest=str(digest))
+        final = self.blob_path(digest)
+        os.makedirs(os.path.dirname(final), exist_ok=True)
+        os.chmod(path, 0o444)
+        os.rename(path, final)
+        fsync_dir(os.path.dirname(final))
+
     def put(self, data: bytes, digest: Digest | None = None) -> Digest:
         """Store small content (manifests, configs); idempotent."""
         digest = digest or Digest.of(data)

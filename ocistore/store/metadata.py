@@ -7,6 +7,7 @@ serialised by sqlite's own locking (``BEGIN IMMEDIATE`` with a busy timeout).
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import threading
 import time
@@ -57,6 +58,31 @@ CREATE TABLE IF NOT EXISTS image_layers (
     PRIMARY KEY (name, position)
 );
 CREATE INDEX IF NOT EXISTS image_layers_diff ON image_layers(diff_id);
+CREATE TABLE IF NOT EXISTS containers (
+    id              TEXT PRIMARY KEY,   -- 64 hex
+    name            TEXT NOT NULL UNIQUE,
+    image           TEXT NOT NULL,      -- the image's store name when created
+    manifest_digest TEXT NOT NULL,      -- what it was created from (the name may move)
+    driver          TEXT NOT NULL,      -- 'overlay' or 'copy'
+    created         REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS container_layers (
+    id          TEXT NOT NULL REFERENCES containers(id) ON DELETE CASCADE,
+    position    INTEGER NOT NULL,
+    diff_id     TEXT NOT NULL,          -- keeps the layer alive while the container exists
+    PRIMARY KEY (id, position)
+);
+CREATE TABLE IF NOT EXISTS volumes (
+    name        TEXT PRIMARY KEY,
+    created     REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS container_volumes (
+    id          TEXT NOT NULL REFERENCES containers(id) ON DELETE CASCADE,
+    volume      TEXT NOT NULL REFERENCES volumes(name),
+    target      TEXT NOT NULL,
+    readonly    INTEGER NOT NULL,
+    PRIMARY KEY (id, target)
+);
 """
 
 
@@ -90,7 +116,126 @@ class ImageRecord:
     pulled: float
 
 
-class Metadata:
+@dataclass(frozen=True)
+class VolumeMount:
+    volume: str
+    target: str
+    readonly: bool
+
+
+@dataclass(frozen=True)
+class ContainerRecord:
+    id: str
+    name: str
+    image: str
+    manifest_digest: str
+    driver: str
+    created: float
+    diff_ids: tuple[str, ...]
+    volumes: tuple[VolumeMount, ...]
+
+
+class _Containers:
+    """Container and volume rows; mixed into Metadata to keep that class readable."""
+
+    _lock: threading.RLock
+    _db: sqlite3.Connection
+
+    def transaction(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        raise NotImplementedError
+
+    def add_container(self, record: ContainerRecord) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO containers(id, name, image, manifest_digest, driver, created)"
+                " VALUES(?, ?, ?, ?, ?, ?)",
+                (
+                    record.id,
+                    record.name,
+                    record.image,
+                    record.manifest_digest,
+                    record.driver,
+                    record.created,
+                ),
+            )
+            db.executemany(
+                "INSERT INTO container_layers(id, position, diff_id) VALUES(?, ?, ?)",
+                [(record.id, i, d) for i, d in enumerate(record.diff_ids)],
+            )
+            db.executemany(
+                "INSERT INTO container_volumes(id, volume, target, readonly) VALUES(?, ?, ?, ?)",
+                [(record.id, v.volume, v.target, int(v.readonly)) for v in record.volumes],
+            )
+
+    def containers(self) -> list[ContainerRecord]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, name, image, manifest_digest, driver, created FROM containers"
+                " ORDER BY created"
+            ).fetchall()
+            out = []
+            for cid, name, image, digest, driver, created in rows:
+                layers = tuple(
+                    str(d)
+                    for (d,) in self._db.execute(
+                        "SELECT diff_id FROM container_layers WHERE id=? ORDER BY position",
+                        (cid,),
+                    )
+                )
+                volumes = tuple(
+                    VolumeMount(str(v), str(t), bool(r))
+                    for v, t, r in self._db.execute(
+                        "SELECT volume, target, readonly FROM container_volumes WHERE id=?"
+                        " ORDER BY target",
+                        (cid,),
+                    )
+                )
+                out.append(
+                    ContainerRecord(
+                        str(cid),
+                        str(name),
+                        str(image),
+                        str(digest),
+                        str(driver),
+                        float(created),
+                        layers,
+                        volumes,
+                    )
+                )
+        return out
+
+    def remove_container(self, cid: str) -> None:
+        with self.transaction() as db:
+            db.execute("DELETE FROM containers WHERE id=?", (cid,))
+
+    def add_volume(self, name: str, created: float) -> bool:
+        """False if the name is taken."""
+        with self.transaction() as db:
+            cur = db.execute(
+                "INSERT OR IGNORE INTO volumes(name, created) VALUES(?, ?)", (name, created)
+            )
+            return cur.rowcount == 1
+
+    def volumes(self) -> list[tuple[str, float]]:
+        with self._lock:
+            rows = self._db.execute("SELECT name, created FROM volumes ORDER BY name").fetchall()
+        return [(str(n), float(c)) for n, c in rows]
+
+    def volume_users(self, name: str) -> list[str]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT DISTINCT c.name FROM container_volumes v JOIN containers c ON c.id = v.id"
+                " WHERE v.volume=? ORDER BY c.name",
+                (name,),
+            ).fetchall()
+        return [str(r[0]) for r in rows]
+
+    def remove_volume(self, name: str) -> None:
+        with self.transaction() as db:
+            db.execute("DELETE FROM volumes WHERE name=?", (name,))
+
+
+class Metadata(_Containers):
     def __init__(self, path: str) -> None:
         self.path = path
         self._lock = threading.RLock()
@@ -253,6 +398,10 @@ class Metadata:
             for (b,) in self._db.execute("SELECT blob_digest FROM image_layers"):
                 blobs.add(str(b))
             diff_ids = {str(d) for (d,) in self._db.execute("SELECT diff_id FROM image_layers")}
+            # A container keeps its image's layers (and so their directories) alive.
+            diff_ids.update(
+                str(d) for (d,) in self._db.execute("SELECT diff_id FROM container_layers")
+            )
         return blobs, diff_ids
 
     def remove_layer(self, diff_id: str) -> None:
