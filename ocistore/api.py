@@ -11,16 +11,19 @@ import json
 import os
 import re
 import threading
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
-from typing import Any
+from typing import IO, TYPE_CHECKING, Any
 
 from ocistore.digest import Digest
 from ocistore.errors import (
     BlobNotFoundError,
     ImageNotFoundError,
+    InUseError,
     InvalidReferenceError,
     StorageError,
+    UsageError,
 )
 from ocistore.fsutil import file_lock
 from ocistore.platform import Platform
@@ -32,6 +35,11 @@ from ocistore.store.content import ContentStore
 from ocistore.store.layers import LayerDirs
 from ocistore.store.metadata import ImageRecord, Metadata
 from ocistore.unpack import UnpackOptions, WhiteoutFormat, probe_whiteout_format
+
+if TYPE_CHECKING:
+    from ocistore.compose import ComposedTree, LayerView
+    from ocistore.containers import Containers
+    from ocistore.store.maintenance import FsckReport, PruneReport
 
 
 def default_root() -> str:
@@ -83,6 +91,26 @@ class ImageSummary:
     size: int  # unpacked bytes of all its layers
     compressed_size: int
     layers: int
+
+
+@dataclass(frozen=True)
+class ImageUsage:
+    reference: str
+    size: int  # all its layers (what `images` shows)
+    shared: int  # of that, layers another image uses too
+    unique: int  # what removing only this image would free in layers
+
+
+@dataclass(frozen=True)
+class DiskUsage:
+    images: list[ImageUsage]
+    layers_total: int  # every layer directory once, however many images share it
+    layers_shared: int  # layers used by two or more images
+    layers_count: int
+    blobs_total: int  # the content store (compressed layers, manifests, configs)
+    blobs_count: int
+    containers: list[tuple[str, int]]  # (name, writable layer bytes)
+    volumes: list[tuple[str, int]]  # (name, bytes)
 
 
 @dataclass(frozen=True)
@@ -138,9 +166,17 @@ class Store:
     def lock_path(self, digest: Digest) -> str:
         return os.path.join(self.root, "locks", f"{digest.algorithm}-{digest.hex}.lock")
 
-    def _store_lock(self, *, shared: bool) -> Any:
+    def _store_lock(self, *, shared: bool) -> AbstractContextManager[None]:
         self.metadata  # noqa: B018 - creates the root before locking in it
         return file_lock(os.path.join(self.root, "store.lock"), shared=shared)
+
+    def shared(self) -> AbstractContextManager[None]:
+        """Held by every pull for its whole run."""
+        return self._store_lock(shared=True)
+
+    def exclusive(self) -> AbstractContextManager[None]:
+        """Held by what removes things (rmi, prune, fsck --repair): waits for pulls."""
+        return self._store_lock(shared=False)
 
     def close(self) -> None:
         if "metadata" in self.__dict__:
@@ -255,10 +291,136 @@ class Store:
             pulled=record.pulled,
         )
 
-    # --- removing ------------------------------------------------------------------------
-    def rmi(self, reference: str) -> RemovedImage:
-        """Remove a reference, then the blobs and layer directories nothing else uses."""
+    def image_by_digest(self, name: str, manifest_digest: str) -> ImageRecord:
+        """The image ``name`` if it still is ``manifest_digest``, else any image that is."""
+        record = self.metadata.image(name)
+        if record is not None and record.manifest_digest == manifest_digest:
+            return record
+        for other in self.metadata.images_by_digest(manifest_digest):
+            if other.manifest_digest == manifest_digest:
+                return other
+        raise ImageNotFoundError(
+            f"the image {name} ({manifest_digest}) is no longer in the store", reference=name
+        )
+
+    # --- composing -----------------------------------------------------------------------
+    def layer_views(self, reference: str) -> list[LayerView]:
+        """The image's layer directories as the composer reads them, base first."""
+        from ocistore.compose import LayerView
+
         record = self.resolve(reference)
+        views = []
+        for layer in self.metadata.image_layers(record.name):
+            info = self.metadata.layer(layer.diff_id)
+            if info is None or not os.path.isdir(self.layer_dirs.path(info.dir)):
+                raise ImageNotFoundError(
+                    f"layer {layer.diff_id} of {record.name} is missing; pull it again",
+                    reference=record.name,
+                )
+            views.append(
+                LayerView(
+                    self.layer_dirs.path(info.dir), WhiteoutFormat(info.whiteouts), info.opaque_root
+                )
+            )
+        return views
+
+    def tree(self, reference: str) -> ComposedTree:
+        from ocistore.compose import ComposedTree
+
+        return ComposedTree(self.layer_views(reference))
+
+    def rootfs(self, reference: str, dest: str) -> None:
+        """Materialise the image's composed tree into ``dest`` (new or empty)."""
+        from ocistore.compose import materialize
+
+        tree = self.tree(reference)
+        if os.path.lexists(dest):
+            if not os.path.isdir(dest) or os.path.islink(dest) or os.listdir(dest):
+                raise UsageError(f"{dest} exists and is not an empty directory")
+        else:
+            os.mkdir(dest, 0o755)
+        materialize(tree, dest)
+
+    def export(self, reference: str, out: IO[bytes]) -> None:
+        from ocistore.compose import export_tar
+
+        export_tar(self.tree(reference), out)
+
+    @cached_property
+    def containers(self) -> Containers:
+        from ocistore.containers import Containers
+
+        return Containers(self)
+
+    def df(self) -> DiskUsage:
+        """Space used, without the over-count of summing images that share layers."""
+        if not self.exists():
+            return DiskUsage([], 0, 0, 0, 0, 0, [], [])
+        users: dict[str, set[str]] = {}
+        per_image: dict[str, list[str]] = {}
+        for record in self.metadata.images():
+            ids = [layer.diff_id for layer in self.metadata.image_layers(record.name)]
+            per_image[record.name] = ids
+            for diff_id in ids:
+                users.setdefault(diff_id, set()).add(record.name)
+        sizes = {layer.diff_id: layer.size for layer in self.metadata.layers()}
+        images = []
+        for name, ids in per_image.items():
+            total = sum(sizes.get(d, 0) for d in set(ids))
+            shared = sum(sizes.get(d, 0) for d in set(ids) if len(users[d]) > 1)
+            images.append(ImageUsage(name, total, shared, total - shared))
+        blobs = [self.content.size(d) for d in self.content.iter_blobs()]
+        containers = [(c.name, c.size or 0) for c in self.containers.ps(all=True, sizes=True)]
+        volumes = [
+            (name, int(str(self.containers.volume_inspect(name)["size"])))
+            for name, _, _ in self.containers.volume_ls()
+        ]
+        return DiskUsage(
+            images=images,
+            layers_total=sum(sizes.values()),
+            layers_shared=sum(sizes[d] for d, u in users.items() if len(u) > 1 and d in sizes),
+            layers_count=len(sizes),
+            blobs_total=sum(blobs),
+            blobs_count=len(blobs),
+            containers=containers,
+            volumes=volumes,
+        )
+
+    # --- maintenance ---------------------------------------------------------------------
+    def prune(self) -> PruneReport:
+        from ocistore.store.maintenance import prune
+
+        return prune(self)
+
+    def fsck(self, *, repair: bool = False) -> FsckReport:
+        from ocistore.store.maintenance import fsck
+
+        return fsck(self, repair=repair)
+
+    # --- removing ------------------------------------------------------------------------
+    def rmi(self, reference: str, *, force: bool = False) -> RemovedImage:
+        """Remove a reference, then the blobs and layer directories nothing else uses.
+
+        Refused while a container was made from it and no other name keeps its manifest,
+        unless ``force`` (the container keeps its layers either way).
+        """
+        record = self.resolve(reference)
+        users = [
+            c.name
+            for c in self.metadata.containers()
+            if c.manifest_digest == record.manifest_digest
+        ]
+        others = [
+            i
+            for i in self.metadata.images_by_digest(record.manifest_digest)
+            if i.name != record.name
+        ]
+        if users and not others and not force:
+            raise InUseError(
+                f"image {record.name} is used by container(s) {', '.join(users)}; "
+                "remove them first or use rmi -f",
+                reference=record.name,
+            )
         with self._store_lock(shared=False):
             layers = self.metadata.image_layers(record.name)
             candidates = {record.manifest_digest, record.config_digest}

@@ -74,7 +74,77 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("reference", metavar="REF")
 
     p = sub.add_parser("rmi", help="remove an image and what only it used")
+    p.add_argument("-f", "--force", action="store_true", help="even if a container uses it")
     p.add_argument("reference", metavar="REF", nargs="+")
+
+    p = sub.add_parser("rootfs", help="materialise an image's filesystem into a directory")
+    p.add_argument("reference", metavar="REF")
+    p.add_argument("dest", metavar="DEST", help="a new or empty directory")
+
+    p = sub.add_parser("export", help="an image's filesystem as one tar stream")
+    p.add_argument("reference", metavar="REF")
+    p.add_argument("-o", "--output", metavar="FILE", help="default: standard output")
+
+    p = sub.add_parser("ls", help="list a directory inside an image")
+    p.add_argument("reference", metavar="REF")
+    p.add_argument("path", metavar="PATH", nargs="?", default="/")
+    p.add_argument("-l", dest="long", action="store_true", help="long listing")
+
+    p = sub.add_parser("cat", help="print a file inside an image")
+    p.add_argument("reference", metavar="REF")
+    p.add_argument("path", metavar="PATH")
+
+    p = sub.add_parser("layers", help="an image's layer directories, base first")
+    p.add_argument("reference", metavar="REF")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--json", action="store_true", help="with diffIDs and sizes")
+    g.add_argument("--overlay", action="store_true", help="an overlayfs lowerdir= value")
+
+    p = sub.add_parser("create", help="create a container (a writable layer on an image)")
+    p.add_argument("reference", metavar="REF")
+    p.add_argument("--name", help="default: the id's first 12 characters")
+    p.add_argument("--driver", choices=("overlay", "copy"), help="default: overlay if possible")
+    p.add_argument(
+        "-v",
+        "--volume",
+        action="append",
+        default=[],
+        metavar="VOL:/PATH[:ro]",
+        help="mount a volume (created if needed); repeatable",
+    )
+
+    p = sub.add_parser("mount", help="mount a container's rootfs and print its path")
+    p.add_argument("name", metavar="NAME")
+    p = sub.add_parser("umount", help="unmount a container's rootfs")
+    p.add_argument("name", metavar="NAME")
+    p = sub.add_parser("diff", help="changes against the image (A added, C changed, D deleted)")
+    p.add_argument("name", metavar="NAME")
+    p = sub.add_parser("commit", help="make a new image from a container's changes")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("new_reference", metavar="NEWREF")
+    p = sub.add_parser("rm", help="remove containers and their writable layers")
+    p.add_argument("-f", "--force", action="store_true", help="unmount first if needed")
+    p.add_argument("name", metavar="NAME", nargs="+")
+    p = sub.add_parser("ps", help="list containers")
+    p.add_argument("-a", "--all", action="store_true", help="also those not mounted")
+    p.add_argument("-s", "--size", action="store_true", help="writable and virtual sizes")
+    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("df", help="space used by images, layers, containers and volumes")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("prune", help="remove blobs, layers and leftovers nothing references")
+    p = sub.add_parser("fsck", help="verify every blob, layer and record of the store")
+    p.add_argument("--repair", action="store_true", help="remove what is broken")
+
+    p = sub.add_parser("volume", help="manage volumes")
+    vsub = p.add_subparsers(dest="volume_command", metavar="COMMAND", required=True)
+    v = vsub.add_parser("create", help="create a volume")
+    v.add_argument("name", metavar="NAME")
+    vsub.add_parser("ls", help="list volumes")
+    v = vsub.add_parser("inspect", help="show a volume (JSON)")
+    v.add_argument("name", metavar="NAME")
+    v = vsub.add_parser("rm", help="remove volumes that no container uses")
+    v.add_argument("name", metavar="NAME", nargs="+")
     return parser
 
 
@@ -138,11 +208,38 @@ def _dispatch(args: argparse.Namespace) -> int:
             return 0
         if args.command == "rmi":
             for reference in args.reference:
-                removed = store.rmi(reference)
+                removed = store.rmi(reference, force=args.force)
                 print(f"Untagged: {removed.reference}")
                 for digest in removed.blobs:
                     print(f"Deleted: {digest}")
             return 0
+        if args.command == "prune":
+            report = store.prune()
+            for kind, items in (
+                ("blob", report.blobs),
+                ("layer", report.layers),
+                ("temporary", report.temporary),
+                ("container directory", report.containers),
+            ):
+                for item in items:
+                    print(f"Deleted {kind}: {item}")
+            print(f"Total reclaimed space: {_human(report.bytes_freed)}")
+            return 0
+        if args.command == "fsck":
+            fsck = store.fsck(repair=args.repair)
+            for problem in fsck.problems:
+                print(problem)
+            for fixed in fsck.repaired:
+                print(f"repaired: {fixed}")
+            state = "clean" if fsck.clean else f"{len(fsck.problems)} problem(s)"
+            print(
+                f"checked {fsck.blobs_checked} blobs, {fsck.layers_checked} layers: {state}",
+                file=sys.stderr,
+            )
+            return 0 if fsck.clean or args.repair else 6
+        from ocistore import cli_containers
+
+        return cli_containers.dispatch(store, args)
     finally:
         store.close()
     raise AssertionError(args.command)

@@ -326,6 +326,10 @@ class Metadata(_Containers):
                 (blob_digest, diff_id, media_type, size),
             )
 
+    def layer_blob_sizes(self) -> list[tuple[str, int]]:
+        rows = self._query("SELECT blob_digest, size FROM layer_blobs")
+        return [(str(d), int(str(n))) for d, n in rows]
+
     def blob_diff_id(self, blob_digest: str) -> str | None:
         rows = self._query("SELECT diff_id FROM layer_blobs WHERE blob_digest=?", (blob_digest,))
         return str(rows[0][0]) if rows else None
