@@ -9,9 +9,11 @@ completes or a prune removes.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import threading
+import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Protocol
@@ -24,6 +26,7 @@ from ocistore.errors import (
     ContentError,
     DiffIDMismatchError,
     Interrupted,
+    NetworkError,
     SizeMismatchError,
 )
 from ocistore.fsutil import file_lock
@@ -117,7 +120,84 @@ def _drain(stream: _Readable) -> None:
         pass
 
 
-OpenRemote = Callable[[], AbstractContextManager[tuple[_Readable, int]]]
+# Opens the blob at its registry from a byte offset: yields (stream, offset it starts at).
+OpenRemote = Callable[[int], AbstractContextManager[tuple[_Readable, int]]]
+
+MAX_ATTEMPTS_WITHOUT_PROGRESS = 5
+
+
+class ResumingReader:
+    """A blob stream that survives dropped connections: it reopens the blob with a Range
+    from the bytes already received, or from 0 when the server ignores Range (skipping
+    what was already passed on). Only attempts that got no byte further count against the
+    budget, so a link that drops every few MiB still completes a large layer; the digest
+    check at the end is what guarantees the joined bytes."""
+
+    def __init__(
+        self,
+        open_at: OpenRemote,
+        descriptor: Descriptor,
+        *,
+        sleep: Callable[[float], None] = time.sleep,
+        cancel: threading.Event | None = None,
+    ) -> None:
+        self._open_at = open_at
+        self._size = descriptor.size
+        self._digest = descriptor.digest
+        self._sleep = sleep
+        self._cancel = cancel
+        self._stack: contextlib.ExitStack | None = None
+        self._stream: _Readable | None = None
+        self.position = 0
+        self.reconnects = 0
+
+    def read(self, n: int = -1, /) -> bytes:
+        failures = 0
+        while True:
+            try:
+                if self._stream is None:
+                    self._connect()
+                assert self._stream is not None
+                data = self._stream.read(n)
+                if not data and self.position < self._size:
+                    raise NetworkError(
+                        f"blob {self._digest} ended after {self.position} of {self._size} bytes",
+                        digest=str(self._digest),
+                    )
+                self.position += len(data)
+                return data
+            except NetworkError:
+                self.close()
+                failures += 1
+                if failures >= MAX_ATTEMPTS_WITHOUT_PROGRESS or (
+                    self._cancel is not None and self._cancel.is_set()
+                ):
+                    raise
+                self.reconnects += 1
+                self._sleep(min(8.0, 0.25 * 2 ** (failures - 1)))
+
+    def _connect(self) -> None:
+        stack = contextlib.ExitStack()
+        try:
+            stream, start = stack.enter_context(self._open_at(self.position))
+            skip = self.position - start
+            while skip > 0:  # the server ignored Range: drop what we already have
+                chunk = stream.read(min(skip, _CHUNK))
+                if not chunk:
+                    raise NetworkError(
+                        f"blob {self._digest} ended while resuming", digest=str(self._digest)
+                    )
+                skip -= len(chunk)
+        except BaseException:
+            stack.close()
+            raise
+        self._stack, self._stream = stack, stream
+
+    def close(self) -> None:
+        stack, self._stack, self._stream = self._stack, None, None
+        if stack is not None:
+            with contextlib.suppress(Exception):
+                stack.close()
 
 
 class LayerIngester:
@@ -160,11 +240,12 @@ class LayerIngester:
                     f"layer blob {desc.digest} is not in the store", digest=str(desc.digest)
                 )
             else:
-                with (
-                    remote() as (stream, _),
-                    store.content.writer(desc.digest, desc.size) as writer,
-                ):
-                    self._stream_layer(stream, desc, diff_id, compression, unpack, writer)
+                stream = ResumingReader(remote, desc, cancel=self.cancel)
+                try:
+                    with store.content.writer(desc.digest, desc.size) as writer:
+                        self._stream_layer(stream, desc, diff_id, compression, unpack, writer)
+                finally:
+                    stream.close()
                 fetched = desc.size
             if not unpack:
                 store.metadata.add_layer_blob(

@@ -257,7 +257,9 @@ class Puller:
         self, ref: Reference, client: RegistryClient, desc: Descriptor, diff_id: Digest
     ) -> None:
         fetched = self._ingester.ensure(
-            desc, diff_id, lambda: client.open_blob(ref.repository, desc.digest)
+            desc,
+            diff_id,
+            lambda offset: client.open_blob(ref.repository, desc.digest, offset=offset),
         )
         if fetched:
             with self._stats_lock:

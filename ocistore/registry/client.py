@@ -303,7 +303,7 @@ class RegistryClient:
                     f"{urlsplit(url).netloc} denied access to blob {digest}", digest=str(digest)
                 )
             if resp.status_code == 206 and offset:
-                start = offset
+                start = _range_start(resp.headers.get("Content-Range"), offset)
             elif resp.status_code == 200:
                 start = 0
             else:
@@ -376,6 +376,15 @@ def _parse_retry_after(value: str) -> float | None:
     except (TypeError, ValueError):
         return None
     return max(0.0, float(when.timestamp()) - time.time())
+
+
+def _range_start(header: str | None, asked: int) -> int:
+    """Where a 206 body starts: Content-Range's first byte (``bytes START-END/TOTAL``)."""
+    if header and header.startswith("bytes "):
+        first = header[6:].split("-", 1)[0]
+        if first.isdigit():
+            return int(first)
+    return asked
 
 
 def _no_such_host(exc: BaseException) -> bool:
