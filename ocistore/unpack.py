@@ -319,6 +319,8 @@ class _Unpacker:
         self.hidden: set[str] = set()
         # OVERLAY: paths where we made a 0/0 whiteout device (not real entries of the layer).
         self.wh_devices: set[str] = set()
+        # OVERLAY: directories made opaque by a marker of this layer.
+        self.opaque_dirs: set[str] = set()
         self.warnings: dict[str, list[typing.Any]] = {}
         self.entries = 0
         self.size = 0
@@ -768,6 +770,8 @@ class _Unpacker:
         if not self.overlay:
             self._marker(member, dparts, base, key)
             return
+        if "/".join(dparts) in self.opaque_dirs:
+            return  # see _opaque: the directory already hides every lower entry
         pfd = self._dir_fd(dparts)
         try:
             os.mknod(victim, stat.S_IFCHR, os.makedev(0, 0), dir_fd=pfd)
@@ -787,7 +791,15 @@ class _Unpacker:
         if not self.overlay:
             self._marker(member, dparts, _WH_OPAQUE, key)
             return
-        os.setxattr(self._dir_fd(dparts), _OPAQUE_XATTR, b"y")
+        dfd = self._dir_fd(dparts)
+        os.setxattr(dfd, _OPAQUE_XATTR, b"y")
+        # Whiteout devices beside an opaque marker hide nothing more, and overlayfs lists
+        # them as unstat-able entries in a directory only this layer provides: drop them.
+        dkey = "/".join(dparts)
+        self.opaque_dirs.add(dkey)
+        for path in [p for p in self.wh_devices if p.rpartition("/")[0] == dkey]:
+            os.unlink(path.rpartition("/")[2], dir_fd=dfd)
+            self.wh_devices.discard(path)
 
     def _marker(self, member: tarfile.TarInfo, dparts: list[str], base: str, key: str) -> None:
         """OCI form: keep the marker as an empty regular file of its own name."""

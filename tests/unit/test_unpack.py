@@ -1052,3 +1052,16 @@ def test_dest_missing_is_storage_error(tmp_path: Path) -> None:
     options = UnpackOptions(whiteouts=OCI, same_owner=False, devices=False)
     with pytest.raises(StorageError):
         unpack_layer(io.BytesIO(END), str(tmp_path / "nope"), options)
+
+
+@pytest.mark.root
+@pytest.mark.skipif(not ROOT, reason="needs root (mknod, trusted.* xattrs)")
+@pytest.mark.parametrize("marker_first", [True, False], ids=["opaque-first", "whiteout-first"])
+def test_whiteouts_beside_an_opaque_marker_are_dropped_in_overlay_form(
+    env: Env, marker_first: bool
+) -> None:
+    members = [D("d"), F("d/.wh..wh..opq"), F("d/.wh.gone"), F("d/kept", b"k")]
+    if not marker_first:
+        members = [members[0], members[2], members[1], members[3]]
+    env.unpack(build(members), OVERLAY)
+    assert env.tree() == {"d": ("d", 0o755, OPAQUE), "d/kept": ("f", 0o644, b"k")}
