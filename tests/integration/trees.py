@@ -9,6 +9,7 @@ form so that both compare with a plain ``tar -x`` of the same layer.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import stat
@@ -64,6 +65,7 @@ def snapshot(root: str | os.PathLike[str], *, whiteouts: str = "oci") -> dict[by
     base = os.fsencode(os.fspath(root))
     entries: dict[bytes, object] = {}
     inodes: dict[tuple[int, int], bytes] = {}
+    members: dict[int, list[bytes]] = {}
     for dirpath, dirnames, filenames in os.walk(base):
         dirnames.sort()
         rel_dir = os.path.relpath(dirpath, base)
@@ -100,6 +102,7 @@ def snapshot(root: str | os.PathLike[str], *, whiteouts: str = "oci") -> dict[by
                 key = (st.st_dev, st.st_ino)
                 inodes.setdefault(key, rel)
                 group = hash(inodes[key])
+                members.setdefault(group, []).append(rel)
             entries[rel] = Entry(
                 kind=kind,
                 mode=stat.S_IMODE(st.st_mode),
@@ -112,6 +115,13 @@ def snapshot(root: str | os.PathLike[str], *, whiteouts: str = "oci") -> dict[by
                 mtime=None if kind in ("dir", "symlink") else int(st.st_mtime),
                 link_group=group,
             )
+    # A "group" of one visible name is no group: the other names may be hidden by a
+    # whiteout (overlayfs still reports the lower inode's link count), or outside the tree.
+    for paths in members.values():
+        if len(paths) == 1:
+            entry = entries[paths[0]]
+            assert isinstance(entry, Entry)
+            entries[paths[0]] = dataclasses.replace(entry, link_group=None)
     return entries
 
 
