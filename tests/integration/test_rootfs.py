@@ -280,3 +280,50 @@ def test_ps_sizes_and_df_do_not_overcount(registry_plain: Registry, tmp_path: Pa
     assert all(i.unique == 0 for i in usage.images)
     assert sum(i.size for i in usage.images) == 2 * layers_total
     store.containers.rm(c.name, force=True)
+
+
+@pytest.fixture(scope="module")
+def deep_image(registry_plain: Registry, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """128 layers, added by umoci: each adds a file, rewrites a shared one, and every
+    tenth removes an earlier layer's file (a whiteout written by hand, as tar does)."""
+    work = tmp_path_factory.mktemp("deep")
+    layout = work / "layout"
+    subprocess.run(["umoci", "init", "--layout", str(layout)], check=True)
+    subprocess.run(["umoci", "new", "--image", f"{layout}:deep"], check=True)
+    for i in range(128):
+        tar_path = work / f"layer-{i}.tar"
+        with tarfile.open(tar_path, "w", format=tarfile.PAX_FORMAT) as tar:
+            for name, data in ((f"layers/{i:03d}", f"layer {i}\n"), ("shared", f"from {i}\n")):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                info.mtime = 1_700_000_000 + i
+                tar.addfile(info, io.BytesIO(data.encode()))
+            if i and i % 10 == 0:
+                info = tarfile.TarInfo(f"layers/.wh.{i - 5:03d}")
+                tar.addfile(info, io.BytesIO(b""))
+        subprocess.run(
+            ["umoci", "raw", "add-layer", "--image", f"{layout}:deep", str(tar_path)],
+            check=True,
+            capture_output=True,
+        )
+    pushed = registry_plain.push(layout, "deep", "ocistore-test/deep")
+    assert len(pushed.layer_digests) == 128
+    return pushed.reference
+
+
+@pytest.mark.skipif(not ROOT_USER, reason="overlayfs needs root")
+def test_128_layer_image_mounts_and_composes(deep_image: str, tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    store.pull(deep_image)
+    record = store.containers.create(deep_image, driver="overlay")
+    try:
+        merged = Path(store.containers.mount(record.name))
+        copy = tmp_path / "copy"
+        store.rootfs(deep_image, str(copy))
+        assert trees.diff(trees.snapshot(merged), trees.snapshot(copy)) == []
+        assert (merged / "shared").read_text() == "from 127\n"
+        names = sorted(os.listdir(merged / "layers"))
+        removed = {f"{i - 5:03d}" for i in range(10, 128, 10)}
+        assert names == sorted(f"{i:03d}" for i in range(128) if f"{i:03d}" not in removed)
+    finally:
+        store.containers.rm(record.name, force=True)
