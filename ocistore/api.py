@@ -28,9 +28,8 @@ from ocistore.errors import (
 from ocistore.fsutil import file_lock
 from ocistore.platform import Platform
 from ocistore.progress import ProgressFn
-from ocistore.pull import PulledImage, Puller
 from ocistore.reference import Reference
-from ocistore.registry.transport import TransportOptions
+from ocistore.registry.options import TransportOptions
 from ocistore.store.content import ContentStore
 from ocistore.store.layers import LayerDirs
 from ocistore.store.metadata import ImageRecord, Metadata
@@ -39,6 +38,7 @@ from ocistore.unpack import UnpackOptions, WhiteoutFormat, probe_whiteout_format
 if TYPE_CHECKING:
     from ocistore.compose import ComposedTree, LayerView
     from ocistore.containers import Containers
+    from ocistore.pull import PulledImage
     from ocistore.store.maintenance import FsckReport, PruneReport
 
 
@@ -196,6 +196,8 @@ class Store:
         ref = reference if isinstance(reference, Reference) else Reference.parse(reference)
         plat = Platform.parse(platform) if isinstance(platform, str) else platform
         self.unpack_options  # noqa: B018 - probe before threads race to do it
+        from ocistore.pull import Puller  # lazily: it brings in the HTTP stack
+
         with self._store_lock(shared=True):
             puller = Puller(self, platform=plat, jobs=jobs, progress=progress, cancel=cancel)
             return puller.pull(ref)

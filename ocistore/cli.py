@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sqlite3
 import sys
 import threading
 import time
@@ -176,6 +177,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = f": {exc.filename}" if exc.filename else ""
         print(f"ocistore: {exc.strerror or exc}{where}", file=sys.stderr)
         return 8
+    except sqlite3.Error as exc:
+        # The metadata database failed where the library did not translate it (opening a
+        # store on a full disk: "database or disk is full"): a store failure, exit 8, one
+        # line, not a traceback.
+        if args.debug:
+            import traceback
+
+            traceback.print_exc()
+        print(f"ocistore: the store's metadata database failed: {exc}", file=sys.stderr)
+        return 8
 
 
 def _one_line(text: str) -> str:
@@ -184,7 +195,7 @@ def _one_line(text: str) -> str:
 
 def _store(args: argparse.Namespace) -> Store:
     from ocistore.api import Store
-    from ocistore.registry.transport import TransportOptions
+    from ocistore.registry.options import TransportOptions
 
     return Store(
         args.root,

@@ -10,44 +10,29 @@ folder. Proxies come from the environment (requests' ``trust_env``).
 from __future__ import annotations
 
 import glob
-import ipaddress
 import os
 import ssl
-from dataclasses import dataclass, field
 from typing import Any
 
 import requests
 from requests.adapters import HTTPAdapter
 
-DEFAULT_CERTS_DIR = "/etc/docker/certs.d"
-# (connect, read): read is per socket read, not for the whole body, so big blobs are fine.
-DEFAULT_TIMEOUT = (15.0, 60.0)
+from ocistore.registry.options import (
+    DEFAULT_CERTS_DIR,
+    DEFAULT_TIMEOUT,
+    TransportOptions,
+    is_insecure,
+    is_loopback,
+)
 
-
-@dataclass(frozen=True)
-class TransportOptions:
-    insecure_registries: frozenset[str] = field(default_factory=frozenset)
-    certs_dir: str = DEFAULT_CERTS_DIR
-    timeout: tuple[float, float] = DEFAULT_TIMEOUT
-    user_agent: str = "ocistore/0.1"
-
-
-def is_loopback(host: str) -> bool:
-    name = host
-    if name.startswith("["):
-        name = name[1:].partition("]")[0]
-    elif name.count(":") == 1:
-        name = name.partition(":")[0]
-    if name == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        return False
-
-
-def is_insecure(host: str, options: TransportOptions) -> bool:
-    return is_loopback(host) or host in options.insecure_registries
+__all__ = [
+    "DEFAULT_CERTS_DIR",
+    "DEFAULT_TIMEOUT",
+    "TransportOptions",
+    "is_insecure",
+    "is_loopback",
+    "make_session",
+]
 
 
 class _TrustAdapter(HTTPAdapter):
