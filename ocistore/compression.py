@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import types
 import zlib
-from typing import Protocol
+from typing import Any, Protocol
 
 from ocistore.errors import LayerFormatError
 from ocistore.mediatypes import Compression
+
+_inflate_lib: types.ModuleType
+try:  # ISA-L inflates gzip 2-3x faster than zlib, same stream format and API (tools/bench).
+    from isal import isal_zlib
+
+    _inflate_lib = isal_zlib
+except ImportError:  # pragma: no cover - isal is a dependency; zlib is the safety net
+    _inflate_lib = zlib
+_INFLATE_ERROR: type[Exception] = _inflate_lib.error
 
 _CHUNK = 1 << 20
 
@@ -15,13 +25,17 @@ class Readable(Protocol):
     def read(self, n: int = -1, /) -> bytes: ...
 
 
+def _decompressobj() -> Any:
+    return _inflate_lib.decompressobj(31)
+
+
 class _GzipReader:
     """Multi-member gzip; anything after the last member that is not gzip is an error,
     so trailing garbage cannot ride along with a valid stream."""
 
     def __init__(self, source: Readable) -> None:
         self._source = source
-        self._z = zlib.decompressobj(wbits=31)
+        self._z = _decompressobj()
         self._buf = b""
         self._pending = b""  # input left over from the previous gzip member
         self._pos = 0  # read offset into _buf: slicing the rest off each time is quadratic
@@ -55,10 +69,10 @@ class _GzipReader:
             # The previous member ended exactly at a chunk boundary: this is the next one.
             if not data.startswith(b"\x1f\x8b"):
                 raise LayerFormatError("garbage after the end of the gzip stream")
-            self._z = zlib.decompressobj(wbits=31)
+            self._z = _decompressobj()
         try:
             self._buf = self._z.decompress(data, max(n, _CHUNK))
-        except zlib.error as exc:
+        except _INFLATE_ERROR as exc:
             raise LayerFormatError(f"gzip stream is corrupt: {exc}") from None
         if self._z.eof:
             rest = self._z.unused_data
@@ -67,7 +81,7 @@ class _GzipReader:
                     raise LayerFormatError("garbage after the end of the gzip stream")
                 # The next member: decompress it through the normal path, so that a
                 # member ending inside ``rest`` has its own unused_data checked too.
-                self._z = zlib.decompressobj(wbits=31)
+                self._z = _decompressobj()
                 self._pending = rest
 
 
