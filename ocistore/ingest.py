@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -27,14 +28,15 @@ from ocistore.errors import (
     DiffIDMismatchError,
     Interrupted,
     NetworkError,
+    RegistryError,
     SizeMismatchError,
 )
-from ocistore.fsutil import file_lock
+from ocistore.fsutil import file_lock, fsync_dir, syncfs
 from ocistore.model import Descriptor
 from ocistore.progress import ProgressFn, PullEvent
 from ocistore.store.content import BlobWriter
 from ocistore.store.metadata import LayerRecord
-from ocistore.unpack import unpack_layer
+from ocistore.unpack import UnpackResult, unpack_layer
 
 if TYPE_CHECKING:
     from ocistore.api import Store
@@ -166,13 +168,27 @@ class ResumingReader:
                     )
                 self.position += len(data)
                 return data
-            except NetworkError:
+            except RegistryError:
+                # An HTTP answer (a 5xx or 429 the client already retried MAX_ATTEMPTS times
+                # with backoff, or an unexpected status), not a broken link: retrying it
+                # here too would multiply the attempts (5 x 5 requests for a dead registry).
+                self.close()
+                raise
+            except NetworkError as exc:
                 self.close()
                 failures += 1
-                if failures >= MAX_ATTEMPTS_WITHOUT_PROGRESS or (
-                    self._cancel is not None and self._cancel.is_set()
-                ):
-                    raise
+                if self._cancel is not None and self._cancel.is_set():
+                    # Most likely abort() broke the connection on purpose: that is the
+                    # interruption, not a network failure.
+                    raise Interrupted("pull interrupted", digest=str(self._digest)) from None
+                if failures >= MAX_ATTEMPTS_WITHOUT_PROGRESS:
+                    # Say that we tried, and how often: the last error alone reads as if
+                    # the first drop had been fatal.
+                    raise NetworkError(
+                        f"{exc.message}; gave up after {failures} attempts without progress",
+                        reference=exc.reference,
+                        digest=exc.digest,
+                    ) from None
                 self.reconnects += 1
                 self._sleep(min(8.0, 0.25 * 2 ** (failures - 1)))
 
@@ -193,6 +209,12 @@ class ResumingReader:
             raise
         self._stack, self._stream = stack, stream
 
+    def abort(self) -> None:
+        """From another thread: make a read blocked on the network return now."""
+        abort = getattr(self._stream, "abort", None)
+        if abort is not None:
+            abort()
+
     def close(self) -> None:
         stack, self._stack, self._stream = self._stack, None, None
         if stack is not None:
@@ -205,6 +227,15 @@ class LayerIngester:
         self.store = store
         self._emit = emit
         self.cancel = cancel
+        self._reading: set[ResumingReader] = set()  # downloads in progress, for abort_reads
+        self._reading_lock = threading.Lock()
+
+    def abort_reads(self) -> None:
+        """Wake every download blocked on the network (once ``cancel`` is set)."""
+        with self._reading_lock:
+            readers = list(self._reading)
+        for reader in readers:
+            reader.abort()
 
     def ensure(self, desc: Descriptor, diff_id: Digest, remote: OpenRemote | None) -> int:
         """Make the layer's blob and directory present; returns the blob bytes fetched.
@@ -241,10 +272,14 @@ class LayerIngester:
                 )
             else:
                 stream = ResumingReader(remote, desc, cancel=self.cancel)
+                with self._reading_lock:
+                    self._reading.add(stream)
                 try:
                     with store.content.writer(desc.digest, desc.size) as writer:
                         self._stream_layer(stream, desc, diff_id, compression, unpack, writer)
                 finally:
+                    with self._reading_lock:
+                        self._reading.discard(stream)
                     stream.close()
                 fetched = desc.size
             if not unpack:
@@ -311,24 +346,50 @@ class LayerIngester:
             if blob is not None:
                 blob.commit()
             if temp is not None and result is not None:
-                name = store.layer_dirs.publish(temp)
+                self._publish_layer(temp, result, desc, diff_id)
                 temp = None
-                store.metadata.add_layer(
-                    LayerRecord(
-                        diff_id=str(diff_id),
-                        dir=name,
-                        size=result.size,
-                        entries=result.entries,
-                        opaque_root=result.opaque_root,
-                        whiteouts=store.unpack_options.whiteouts.value,
-                    ),
-                    str(desc.digest),
-                    desc.media_type,
-                    desc.size,
-                )
         finally:
             if temp is not None:
                 store.layer_dirs.remove(temp)
+
+    def _publish_layer(
+        self, temp: str, result: UnpackResult, desc: Descriptor, diff_id: Digest
+    ) -> None:
+        """Record the layer's row, then rename its verified temp directory into place.
+
+        In this order a crash between the two leaves a row whose directory does not exist
+        (no image refers to it yet: images are recorded after all their layers) plus a
+        ``.tmp-`` leftover: the next pull finds the directory missing and unpacks the layer
+        again, prune forgets the row, fsck counts it as an interrupted pull's leftover. The
+        other order (rename, then row; it was LayerDirs.publish then add_layer) could leave
+        a complete directory that no row names, which nothing can tell from damage.
+        """
+        store = self.store
+        syncfs(temp)  # the directory's content is durable before anything names it
+        while True:
+            name = secrets.token_hex(13)
+            if not os.path.lexists(store.layer_dirs.path(name)):
+                break
+        store.metadata.add_layer(
+            LayerRecord(
+                diff_id=str(diff_id),
+                dir=name,
+                size=result.size,
+                entries=result.entries,
+                opaque_root=result.opaque_root,
+                whiteouts=store.unpack_options.whiteouts.value,
+            ),
+            str(desc.digest),
+            desc.media_type,
+            desc.size,
+        )
+        try:
+            os.rename(temp, store.layer_dirs.path(name))
+        except BaseException:
+            with contextlib.suppress(Exception):
+                store.metadata.remove_layer(str(diff_id))
+            raise
+        fsync_dir(store.layer_dirs.dir)
 
 
 def short_digest(digest: Digest) -> str:

@@ -9,12 +9,15 @@ Layers and blobs already present are skipped, so a second pull downloads no blob
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
+
+import requests
 
 from ocistore import mediatypes as mt
 from ocistore.digest import Digest, VerifyingReader
@@ -23,6 +26,7 @@ from ocistore.errors import (
     ManifestInvalidError,
     PlatformNotFoundError,
     SizeMismatchError,
+    StorageError,
     UnsupportedMediaTypeError,
 )
 from ocistore.ingest import LayerIngester, short_digest
@@ -88,6 +92,22 @@ class Puller:
         client = self._client_factory(ref)
         try:
             return self._pull(ref, client)
+        except OSError as exc:
+            # A failure of the store (disk full, permissions, read-only filesystem) from a
+            # blob write, an unpack or a rename: the library raises OcistoreErrors only, so
+            # this becomes a StorageError (exit 8) saying where, not a bare OSError.
+            if isinstance(exc, requests.RequestException):
+                raise
+            where = f" ({exc.filename})" if exc.filename else ""
+            raise StorageError(
+                f"cannot write to the store at {self.store.root}: {exc.strerror or exc}{where}",
+                reference=str(ref),
+            ) from exc
+        except sqlite3.Error as exc:
+            # sqlite reports a full disk as "database or disk is full" (not an OSError).
+            raise StorageError(
+                f"the store's metadata at {self.store.root} failed: {exc}", reference=str(ref)
+            ) from exc
         finally:
             client.close()
 
@@ -228,22 +248,29 @@ class Puller:
     ) -> None:
         for layer in layers:
             self._emit(PullEvent("waiting", short_digest(layer.digest), 0, layer.size))
+        futures: list[Future[None]] = []
         with ThreadPoolExecutor(self.jobs, thread_name_prefix="ocistore-layer") as pool:
-            futures: list[Future[None]] = [
-                pool.submit(self._ensure_layer, ref, client, layer, diff_id)
-                for layer, diff_id in zip(layers, diff_ids, strict=True)
-            ]
             try:
-                done, _ = wait(futures, return_when=FIRST_EXCEPTION)
-            except BaseException:
+                # Submitting is inside the try: a Ctrl-C while starting the workers (busy
+                # downloading already) must cancel them too.
+                for layer, diff_id in zip(layers, diff_ids, strict=True):
+                    futures.append(pool.submit(self._ensure_layer, ref, client, layer, diff_id))
+                self._wait_layers(futures)
+            except BaseException:  # Ctrl-C in this thread
                 self.cancel.set()
                 raise
-            for future in done:
-                if future.exception() is not None:
-                    self.cancel.set()  # stop the other layers early
+            finally:
+                # Stopping (a layer failed, Ctrl-C, the caller's cancel): the workers remove
+                # their partial blob and temp directory before the pool's exit returns. One
+                # blocked reading a stalled or trickling registry held that (and Ctrl-C) up
+                # until its read timeout, or for good when bytes kept trickling in: wake it
+                # by shutting its connection down, again until every worker is done.
+                if self.cancel.is_set():
                     for f in futures:
                         f.cancel()
-                    break
+                    while not all(f.done() for f in futures):
+                        self._ingester.abort_reads()
+                        wait(futures, timeout=0.1)
         errors = [exc for f in futures if not f.cancelled() and (exc := f.exception()) is not None]
         # The layers stopped because another failed report Interrupted: the cause is the
         # first error that is not that.
@@ -252,6 +279,21 @@ class Puller:
                 raise exc
         if errors:
             raise errors[0]
+        if any(f.cancelled() for f in futures):  # cancelled before they started
+            raise Interrupted("pull interrupted", reference=str(ref))
+
+    def _wait_layers(self, futures: list[Future[None]]) -> None:
+        """Return once every layer is done, one failed, or the pull was cancelled (polled:
+        the caller may set ``cancel`` from another thread)."""
+        while True:
+            done, pending = wait(futures, timeout=0.1, return_when=FIRST_EXCEPTION)
+            if not pending:
+                return
+            if self.cancel.is_set() or any(
+                not f.cancelled() and f.exception() is not None for f in done
+            ):
+                self.cancel.set()  # stop the other layers early
+                return
 
     def _ensure_layer(
         self, ref: Reference, client: RegistryClient, desc: Descriptor, diff_id: Digest

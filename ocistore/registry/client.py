@@ -8,6 +8,7 @@ by hand so that ``Authorization`` is never sent to another host.
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import hashlib
 import random
@@ -313,7 +314,8 @@ class RegistryClient:
                     digest=str(digest),
                 )
             resp.raw.decode_content = False  # the blob's bytes, never a Content-Encoding view
-            yield _RawStream(resp, digest), start
+            # The host read from goes into errors: a broken link must name the registry.
+            yield _RawStream(resp, digest, urlsplit(url).netloc), start
         finally:
             resp.close()
 
@@ -324,16 +326,27 @@ class RegistryClient:
 class _RawStream:
     """Adapts urllib3's raw stream: maps socket errors to NetworkError."""
 
-    def __init__(self, resp: requests.Response, digest: Digest) -> None:
+    def __init__(self, resp: requests.Response, digest: Digest, where: str) -> None:
         self._raw = resp.raw
         self._digest = digest
+        self._where = where
+
+    def abort(self) -> None:
+        """From another thread: make a blocked ``read`` return now (Ctrl-C while the
+        registry stalls). urllib3 >= 2.3 shuts the socket down for reading; closing it
+        would not wake the reader. Older urllib3: a no-op, the read timeout still ends it."""
+        shutdown = getattr(self._raw, "shutdown", None)
+        if shutdown is not None:
+            with contextlib.suppress(Exception):
+                shutdown()
 
     def read(self, n: int = -1, /) -> bytes:
         try:
             data: bytes = self._raw.read(None if n < 0 else n)
         except Exception as exc:  # urllib3 raises a zoo of types for a broken stream
             raise NetworkError(
-                f"connection broke while reading blob {self._digest}: {_describe(exc)}",
+                f"connection broke while reading blob {self._digest} from {self._where}: "
+                f"{_describe(exc)}",
                 digest=str(self._digest),
             ) from None
         return data

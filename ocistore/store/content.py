@@ -83,8 +83,12 @@ class BlobWriter:
             raise
 
     def abort(self) -> None:
-        if not self._file.closed:
-            self._file.close()
+        # close() flushes what is still buffered; on a full disk that fails again (ENOSPC)
+        # after the descriptor is closed. The partial file must go all the same: without
+        # the suppress, the error skipped the unlink and left it in ingest/.
+        with suppress(OSError):
+            if not self._file.closed:
+                self._file.close()
         with suppress(FileNotFoundError):
             os.unlink(self.path)
 

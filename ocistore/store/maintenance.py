@@ -190,12 +190,23 @@ def _check_blobs(store: Store, report: FsckReport, repair: bool) -> None:
 
 def _check_layers(store: Store, report: FsckReport, repair: bool) -> None:
     known = set()
+    _, in_use = store.metadata.referenced()
     for layer in store.metadata.layers():
         report.layers_checked += 1
         path = store.layer_dirs.path(layer.dir)
         known.add(layer.dir)
         if not os.path.isdir(path) or os.path.islink(path):
-            report.problems.append(f"layer {layer.diff_id}: directory {layer.dir} is missing")
+            if layer.diff_id not in in_use:
+                # A pull records a layer's row just before renaming its directory into
+                # place (ingest.LayerIngester._publish_layer): killed in between, it leaves
+                # this row, which no image uses, and a .tmp- directory. A leftover like
+                # the temporary files, not damage: the next pull redoes it, prune drops it.
+                report.problems.append(
+                    f"leftover temporary layer record {layer.diff_id}: directory "
+                    f"{layer.dir} was never published (an interrupted pull)"
+                )
+            else:
+                report.problems.append(f"layer {layer.diff_id}: directory {layer.dir} is missing")
             if repair:
                 store.metadata.remove_layer(layer.diff_id)
                 _remove(path)
