@@ -15,6 +15,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from ocistore.fsutil import file_lock
+
 SCHEMA_VERSION = 1
 
 _SCHEMA = """
@@ -242,13 +244,17 @@ class Metadata(_Containers):
         self._db = sqlite3.connect(
             path, timeout=60.0, isolation_level=None, check_same_thread=False
         )
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.executescript(_SCHEMA)
-        self._db.execute(
-            "INSERT OR IGNORE INTO meta(key, value) VALUES('schema', ?)", (str(SCHEMA_VERSION),)
-        )
+        # Opens are serialised: switching a fresh database to WAL answers "database is
+        # locked" at once (no busy timeout) while another process is still creating it.
+        with file_lock(path + ".lock"):
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._db.executescript(_SCHEMA)
+            self._db.execute(
+                "INSERT OR IGNORE INTO meta(key, value) VALUES('schema', ?)",
+                (str(SCHEMA_VERSION),),
+            )
 
     def close(self) -> None:
         self._db.close()
