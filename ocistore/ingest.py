@@ -2,9 +2,9 @@
 it, hashes the uncompressed stream (the diffID) and unpacks it into a new layer directory.
 
 Used by pull (blobs from a registry) and by commit (a blob just written locally). Nothing
-becomes visible before both digests matched: the blob is published first, then the layer
-directory, then its metadata row, so every crash point leaves something a later run
-completes or a prune removes.
+becomes visible before both digests matched: the blob is published first, then the layer's
+metadata row, then its directory is renamed into place, so every crash point leaves
+something a later run completes or a prune removes.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -31,7 +30,7 @@ from ocistore.errors import (
     RegistryError,
     SizeMismatchError,
 )
-from ocistore.fsutil import file_lock, fsync_dir, syncfs
+from ocistore.fsutil import file_lock
 from ocistore.model import Descriptor
 from ocistore.progress import ProgressFn, PullEvent
 from ocistore.store.content import BlobWriter
@@ -301,7 +300,7 @@ class LayerIngester:
         """One pass over the blob: write it, decompress it, hash it, unpack it.
 
         Publishing order keeps every crash point consistent: the blob (verified) first, then
-        the layer directory, then its metadata row; a later pull finishes whatever is missing.
+        the metadata row, then the directory's rename; a later pull finishes what is missing.
         """
         store = self.store
         short = short_digest(desc.digest)
@@ -361,15 +360,11 @@ class LayerIngester:
         (no image refers to it yet: images are recorded after all their layers) plus a
         ``.tmp-`` leftover: the next pull finds the directory missing and unpacks the layer
         again, prune forgets the row, fsck counts it as an interrupted pull's leftover. The
-        other order (rename, then row; it was LayerDirs.publish then add_layer) could leave
+        other order (rename, then row) could leave
         a complete directory that no row names, which nothing can tell from damage.
         """
         store = self.store
-        syncfs(temp)  # the directory's content is durable before anything names it
-        while True:
-            name = secrets.token_hex(13)
-            if not os.path.lexists(store.layer_dirs.path(name)):
-                break
+        name = store.layer_dirs.reserve_name(temp)  # durable before anything names it
         store.metadata.add_layer(
             LayerRecord(
                 diff_id=str(diff_id),
@@ -384,12 +379,11 @@ class LayerIngester:
             desc.size,
         )
         try:
-            os.rename(temp, store.layer_dirs.path(name))
+            store.layer_dirs.install(temp, name)
         except BaseException:
             with contextlib.suppress(Exception):
                 store.metadata.remove_layer(str(diff_id))
             raise
-        fsync_dir(store.layer_dirs.dir)
 
 
 def short_digest(digest: Digest) -> str:

@@ -33,17 +33,19 @@ class LayerDirs:
         os.mkdir(path, 0o755)
         return path
 
-    def publish(self, temp: str) -> str:
-        """Make a finished temp directory durable, then rename it to a fresh random name."""
+    def reserve_name(self, temp: str) -> str:
+        """Make a finished temp directory durable and pick the random name it will get.
+
+        The caller records the name, then ``install``s: see ingest's publishing order."""
         syncfs(temp)
         while True:
             name = secrets.token_hex(13)
-            final = self.path(name)
-            if not os.path.exists(final):
-                break
-        os.rename(temp, final)
+            if not os.path.lexists(self.path(name)):
+                return name
+
+    def install(self, temp: str, name: str) -> None:
+        os.rename(temp, self.path(name))
         fsync_dir(self.dir)
-        return name
 
     def remove(self, path: str) -> None:
         if os.path.lexists(path):
