@@ -58,9 +58,11 @@ class _Tee:
         descriptor: Descriptor,
         on_bytes: Callable[[int], None],
         cancel: threading.Event,
+        already_written: int = 0,
     ) -> None:
         self._source = source
         self._sink = sink
+        self._unsunk = already_written  # a resumed download's first bytes are on disk
         self._limit = descriptor.size
         self._digest = descriptor.digest
         self._on_bytes = on_bytes
@@ -79,9 +81,33 @@ class _Tee:
                     digest=str(self._digest),
                 )
             if self._sink is not None:
-                self._sink(data)
+                if self._unsunk:
+                    skip = min(self._unsunk, len(data))
+                    self._unsunk -= skip
+                    if skip < len(data):
+                        self._sink(data[skip:])
+                else:
+                    self._sink(data)
             self._on_bytes(self.count)
         return data
+
+
+class _Chain:
+    """The first ``length`` bytes of ``head``, then ``tail``."""
+
+    def __init__(self, head: _Readable, length: int, tail: _Readable) -> None:
+        self._head = head
+        self._left = length
+        self._tail = tail
+
+    def read(self, n: int = -1, /) -> bytes:
+        if self._left > 0:
+            data = self._head.read(min(self._left, _CHUNK if n < 0 else n))
+            if data:
+                self._left -= len(data)
+                return data
+            self._left = 0  # the kept file shrank under us: the digest check will say so
+        return self._tail.read(n)
 
 
 class _Hashing:
@@ -141,6 +167,7 @@ class ResumingReader:
         *,
         sleep: Callable[[float], None] = time.sleep,
         cancel: threading.Event | None = None,
+        start: int = 0,
     ) -> None:
         self._open_at = open_at
         self._size = descriptor.size
@@ -149,10 +176,12 @@ class ResumingReader:
         self._cancel = cancel
         self._stack: contextlib.ExitStack | None = None
         self._stream: _Readable | None = None
-        self.position = 0
+        self.position = start
         self.reconnects = 0
 
     def read(self, n: int = -1, /) -> bytes:
+        if self.position >= self._size and self._stream is None:
+            return b""  # a kept partial already holds every byte: nothing to ask for
         failures = 0
         while True:
             try:
@@ -270,23 +299,44 @@ class LayerIngester:
                     f"layer blob {desc.digest} is not in the store", digest=str(desc.digest)
                 )
             else:
-                stream = ResumingReader(remote, desc, cancel=self.cancel)
-                with self._reading_lock:
-                    self._reading.add(stream)
-                try:
-                    with store.content.writer(desc.digest, desc.size) as writer:
-                        self._stream_layer(stream, desc, diff_id, compression, unpack, writer)
-                finally:
-                    with self._reading_lock:
-                        self._reading.discard(stream)
-                    stream.close()
-                fetched = desc.size
+                fetched = self._download(desc, diff_id, compression, unpack, remote)
             if not unpack:
                 store.metadata.add_layer_blob(
                     str(desc.digest), str(diff_id), desc.media_type, desc.size
                 )
         self._emit(PullEvent("done", short, desc.size, desc.size))
         return fetched
+
+    def _download(
+        self,
+        desc: Descriptor,
+        diff_id: Digest,
+        compression: mt.Compression,
+        unpack: bool,
+        remote: OpenRemote,
+    ) -> int:
+        """Fetch the blob (resuming what an interrupted attempt left in ingest/) while
+        unpacking it; returns the bytes fetched now."""
+        store = self.store
+        with store.content.writer(desc.digest, desc.size, resumable=True) as writer:
+            stream = ResumingReader(remote, desc, cancel=self.cancel, start=writer.resumed)
+            with self._reading_lock:
+                self._reading.add(stream)
+            with contextlib.ExitStack() as stack:
+                source: _Readable = stream
+                if writer.resumed:
+                    # The unpacker needs the stream from byte 0: the kept bytes, then the rest.
+                    source = _Chain(stack.enter_context(writer.replay()), writer.resumed, stream)
+                try:
+                    self._stream_layer(source, desc, diff_id, compression, unpack, writer)
+                except (NetworkError, Interrupted, KeyboardInterrupt):
+                    writer.keep()  # verified or not, these bytes are worth resuming from
+                    raise
+                finally:
+                    with self._reading_lock:
+                        self._reading.discard(stream)
+                    stream.close()
+            return desc.size - writer.resumed
 
     def _stream_layer(
         self,
@@ -313,7 +363,14 @@ class LayerIngester:
                 phase = "downloading" if blob else "unpacking"
                 self._emit(PullEvent(phase, short, count, desc.size))
 
-        tee = _Tee(source, blob.write if blob else None, desc, on_bytes, self.cancel)
+        tee = _Tee(
+            source,
+            blob.write if blob else None,
+            desc,
+            on_bytes,
+            self.cancel,
+            already_written=blob.resumed if blob else 0,
+        )
         uncompressed = _Hashing(decompressing_reader(tee, compression))
         temp = store.layer_dirs.new_temp() if unpack else None
         try:

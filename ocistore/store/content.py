@@ -25,19 +25,58 @@ from ocistore.model import Descriptor
 _INDEX_LOCK = "index.lock"
 
 
-class BlobWriter:
-    """A blob being ingested. ``commit()`` verifies and publishes it; ``abort()`` drops it."""
+def resumable_name(digest: Digest) -> str:
+    """The ingest file of a download that may be resumed by a later process."""
+    return f"{digest.algorithm}-{digest.hex}.partial"
 
-    def __init__(self, store: ContentStore, digest: Digest, size: int | None) -> None:
+
+class BlobWriter:
+    """A blob being ingested. ``commit()`` verifies and publishes it; ``abort()`` drops it;
+    ``keep()`` leaves a resumable download's bytes for the next attempt.
+
+    A resumable writer (the caller holds a lock on the digest) continues the bytes an
+    interrupted download left in ``ingest/``: ``resumed`` says how many, and they are
+    hashed again here so that the final digest check covers them too.
+    """
+
+    def __init__(
+        self, store: ContentStore, digest: Digest, size: int | None, *, resumable: bool = False
+    ) -> None:
         self._store = store
         self.digest = digest
         self.expected_size = size
-        self.path = os.path.join(
-            store.ingest_dir, f"{digest.algorithm}-{digest.hex}.{secrets.token_hex(4)}.partial"
-        )
-        self._file: IO[bytes] = open(self.path, "xb")  # noqa: SIM115 - closed by commit/abort
         self._hash = digest.hasher()
         self.written = 0
+        self.resumed = 0
+        if resumable:
+            self.path = os.path.join(store.ingest_dir, resumable_name(digest))
+            self._file: IO[bytes] = open(self.path, "a+b")  # noqa: SIM115 - closed by commit/abort/keep
+            have = os.fstat(self._file.fileno()).st_size
+            if size is not None and have > size:
+                self._file.truncate(0)  # not a prefix of this blob: start again
+                have = 0
+            self._file.seek(0)
+            while chunk := self._file.read(1 << 20):
+                self._hash.update(chunk)
+            self.written = self.resumed = have
+        else:
+            self.path = os.path.join(
+                store.ingest_dir,
+                f"{digest.algorithm}-{digest.hex}.{secrets.token_hex(4)}.partial",
+            )
+            self._file = open(self.path, "xb")  # noqa: SIM115 - closed by commit/abort
+        self._keep = False
+
+    def replay(self) -> IO[bytes]:
+        """The bytes a previous attempt left, to feed the unpacker before the network's."""
+        return open(self.path, "rb")
+
+    def keep(self) -> None:
+        """Keep what was written (flushed, fsynced) for the next attempt to resume."""
+        with suppress(OSError):
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        self._keep = True
 
     def write(self, data: bytes) -> None:
         self._file.write(data)
@@ -83,6 +122,10 @@ class BlobWriter:
             raise
 
     def abort(self) -> None:
+        if self._keep:
+            with suppress(OSError):
+                self._file.close()
+            return
         # close() flushes what is still buffered; on a full disk that fails again (ENOSPC)
         # after the descriptor is closed. The partial file must go all the same: without
         # the suppress, the error skipped the unlink and left it in ingest/.
@@ -138,10 +181,12 @@ class ContentStore:
             return f.read()
 
     @contextmanager
-    def writer(self, digest: Digest, size: int | None) -> Iterator[BlobWriter]:
+    def writer(
+        self, digest: Digest, size: int | None, *, resumable: bool = False
+    ) -> Iterator[BlobWriter]:
         """Ingest a blob; it becomes visible only if the block ends after ``commit()``."""
         os.makedirs(os.path.join(self.blobs_dir, digest.algorithm), exist_ok=True)
-        writer = BlobWriter(self, digest, size)
+        writer = BlobWriter(self, digest, size, resumable=resumable)
         try:
             yield writer
         finally:

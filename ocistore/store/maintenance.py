@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import stat
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
     from ocistore.api import Store
 
 _CHUNK = 1 << 20
+_RESUMABLE = re.compile(r"^sha(256-[0-9a-f]{64}|512-[0-9a-f]{128})\.partial$")
 
 
 @dataclass
@@ -37,6 +39,7 @@ class PruneReport:
 class FsckReport:
     problems: list[str] = field(default_factory=list)
     repaired: list[str] = field(default_factory=list)
+    resumable: list[str] = field(default_factory=list)  # kept partial downloads
     blobs_checked: int = 0
     layers_checked: int = 0
 
@@ -140,13 +143,19 @@ def fsck(store: Store, *, repair: bool = False) -> FsckReport:
     report = FsckReport()
     if not store.exists():
         return report
-    with store.exclusive() if repair else store.shared():
+    # Exclusive even to read: a running pull's temporary files would look like leftovers.
+    with store.exclusive():
         _check_blobs(store, report, repair)
         _check_layers(store, report, repair)
         _check_images(store, report, repair)
-        leftovers = store.layer_dirs.temp_dirs() + [
-            os.path.join(store.content.ingest_dir, n) for n in os.listdir(store.content.ingest_dir)
-        ]
+        leftovers = store.layer_dirs.temp_dirs()
+        for name in sorted(os.listdir(store.content.ingest_dir)):
+            if _RESUMABLE.match(name):
+                # An interrupted download kept for the next pull to resume: not damage
+                # (its bytes are checked against the digest when the download completes).
+                report.resumable.append(name)
+            else:
+                leftovers.append(os.path.join(store.content.ingest_dir, name))
         for path in leftovers:
             report.problems.append(f"leftover temporary {os.path.relpath(path, store.root)}")
             if repair:

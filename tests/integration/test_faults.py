@@ -137,10 +137,11 @@ def _blob_sizes(image: PushedImage) -> dict[str, int]:
 
 
 def _assert_clean(store: Store) -> None:
-    """fsck finds nothing, and nothing temporary is left."""
+    """fsck finds nothing, and nothing temporary is left but downloads kept to resume."""
     report = store.fsck()
     assert report.problems == []
-    assert os.listdir(store.content.ingest_dir) == []
+    assert sorted(os.listdir(store.content.ingest_dir)) == report.resumable
+    assert all(name.endswith(".partial") for name in report.resumable)
     assert store.layer_dirs.temp_dirs() == []
 
 
@@ -155,6 +156,7 @@ def _assert_nothing_half_written(root: Path) -> list[str]:
         report = store.fsck()
         leftovers = [p for p in report.problems if p.startswith("leftover temporary ")]
         assert [p for p in report.problems if p not in leftovers] == []
+        leftovers += [f"resumable download ingest/{name}" for name in report.resumable]
         for image in store.metadata.images():
             for layer in store.metadata.image_layers(image.name):
                 record = store.metadata.layer(layer.diff_id)
@@ -408,6 +410,18 @@ def _present(root: Path, wanted: set[str]) -> set[str]:
     return {d for d in wanted if os.path.exists(root / "blobs" / "sha256" / d.split(":")[1])}
 
 
+def _kept_whole(root: Path, sizes: dict[str, int]) -> set[str]:
+    """Blobs a killed pull downloaded completely but had not published: kept to resume,
+    they need no byte from the registry."""
+    ingest = root / "ingest"
+    return {
+        d
+        for d, size in sizes.items()
+        if (ingest / f"sha256-{d.split(':')[1]}.partial").exists()
+        and (ingest / f"sha256-{d.split(':')[1]}.partial").stat().st_size == size
+    }
+
+
 def test_sigkill_at_random_moments_then_the_next_pull_fetches_only_what_is_missing(
     registry_plain: Registry, proxy: FaultProxy, tmp_path: Path
 ) -> None:
@@ -426,6 +440,7 @@ def test_sigkill_at_random_moments_then_the_next_pull_fetches_only_what_is_missi
     def pull(kill: bool) -> bool:
         """One CLI pull into ``root``; True if it was killed. Checks what it fetched."""
         before = _present(root, wanted)
+        whole = _kept_whole(root, sizes)
         proxy.reset_records()
         # Most kills come after a random number of blob bytes left the proxy (a frozen
         # moment: every download stops there until the process is dead); the others after
@@ -461,13 +476,13 @@ def test_sigkill_at_random_moments_then_the_next_pull_fetches_only_what_is_missi
         assert len(fetched) == len(set(fetched))
         left = set(_assert_nothing_half_written(root))
         if killed:
-            # What this kill left: "ingest/..." (a partial blob), "layers/.tmp-..." (a layer
-            # being unpacked), "layer" (a row whose directory was not renamed into place yet)
+            # What this kill left: "ingest/..." (a download kept to resume), "layers/.tmp-..."
+            # (a layer being unpacked), "layer" (a row whose directory was not renamed yet)
             new_kinds.update({p.split()[2].split("/")[0] for p in left - seen})
             seen.update(left)
             return True
         assert proc.returncode == 0, err
-        assert set(fetched) == wanted - before  # ...and all of it, when not killed
+        assert set(fetched) == wanted - before - whole  # ...and all of it, when not killed
         store = _store(root)
         assert len(store.inspect(ref).layers) == len(image.layer_digests)
         store.fsck(repair=True)  # the killed pulls' leftovers go
@@ -521,14 +536,28 @@ def test_ctrl_c_exits_130_with_one_line_and_nothing_half_written(
     assert out == ""
     store = _store(root)
     assert store.metadata.images() == []
-    _assert_clean(store)  # the pull cleaned up after itself: no temporary file left
+    _assert_clean(store)  # nothing half-written visible; interrupted downloads kept
+    kept = store.fsck().resumable
+    assert kept, "the interrupted download was not kept for resumption"
+    kept_sizes = {
+        "sha256:" + name.split("-", 1)[1].split(".")[0]: os.path.getsize(
+            os.path.join(store.content.ingest_dir, name)
+        )
+        for name in kept
+    }
     before = _present(root, set(sizes))
     assert before != set(sizes)
     proxy.clear()
     proxy.reset_records()
     store.pull(_ref(proxy, image))
     assert set(proxy.fetched_digests()) == set(sizes) - before
+    # The next process resumed each kept download where it stopped (HTTP Range).
+    for digest, offset in kept_sizes.items():
+        if 0 < offset < sizes[digest]:
+            ranges = [r.range for r in proxy.requests if digest in r.path]
+            assert f"bytes={offset}-" in ranges, (digest, ranges)
     _assert_clean(store)
+    assert store.fsck().resumable == []
 
 
 def test_ctrl_c_while_the_registry_stalls_exits_at_once(

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from ocistore import Store
+from ocistore.digest import Digest
 from ocistore.errors import AuthError, Interrupted, PlatformNotFoundError
 from ocistore.progress import PullEvent
 from ocistore.registry.transport import TransportOptions
@@ -305,10 +306,15 @@ def test_interrupted_pull_leaves_nothing_half_written(
     assert store.metadata.images() == []
     assert store.content.read_index()["manifests"] == []
     assert store.layer_dirs.temp_dirs() == []
-    assert os.listdir(store.content.ingest_dir) == []
+    # Interrupted downloads are kept to resume; nothing else is left, nothing is visible.
+    kept = sorted(os.listdir(store.content.ingest_dir))
+    assert kept == store.fsck().resumable
+    assert not any(store.content.has(Digest.parse("sha256:" + k[7:71])) for k in kept)
     assert len(store.layer_dirs.names()) == 1
     result = store.pull(image.reference)
-    assert result.layers_fetched == len(image.layer_digests) - 1
+    assert result.layers_fetched <= len(image.layer_digests) - 1
+    assert os.listdir(store.content.ingest_dir) == []
+    assert store.fsck().clean
 
 
 # --- the command line ---------------------------------------------------------------------
