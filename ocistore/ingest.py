@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import queue
 import threading
 import time
 from collections.abc import Callable
@@ -108,6 +109,68 @@ class _Chain:
                 return data
             self._left = 0  # the kept file shrank under us: the digest check will say so
         return self._tail.read(n)
+
+
+class _Prefetch:
+    """Runs ``source`` (network read, blob write and hash, inflate, diffID hash) on its own
+    thread, a few chunks ahead of the tar reader: zlib/ISA-L, hashlib and file writes
+    release the GIL, so download, decompression and file creation use both cores. The
+    queue is bounded, so memory is too; an error on either side stops both."""
+
+    _DEPTH = 8  # chunks of up to 1 MiB in flight
+
+    def __init__(self, source: _Readable) -> None:
+        self._source = source
+        self._queue: queue.Queue[bytes | BaseException] = queue.Queue(self._DEPTH)
+        self._stop = threading.Event()
+        self._buf = memoryview(b"")
+        self._done = False
+        self._thread = threading.Thread(target=self._run, name="ocistore-inflate", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                data = self._source.read(_CHUNK)
+                self._put(data)
+                if not data:
+                    return
+        except BaseException as exc:  # handed to the reader, raised there
+            self._put(exc)
+
+    def _put(self, item: bytes | BaseException) -> None:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def read(self, n: int = -1, /) -> bytes:
+        if not self._buf:
+            if self._done:
+                return b""
+            item = self._queue.get()
+            if isinstance(item, BaseException):
+                self._done = True
+                raise item
+            if not item:
+                self._done = True
+                return b""
+            self._buf = memoryview(item)
+        if n < 0 or n >= len(self._buf):
+            out, self._buf = bytes(self._buf), memoryview(b"")
+        else:
+            out, self._buf = bytes(self._buf[:n]), self._buf[n:]
+        return out
+
+    def close(self) -> None:
+        """Stop the producer (also when the reader gave up early) and wait for it."""
+        self._stop.set()
+        while self._thread.is_alive():
+            with contextlib.suppress(queue.Empty):
+                self._queue.get(timeout=0.1)
+        self._thread.join()
 
 
 class _Hashing:
@@ -372,11 +435,15 @@ class LayerIngester:
             already_written=blob.resumed if blob else 0,
         )
         uncompressed = _Hashing(decompressing_reader(tee, compression))
+        ahead = _Prefetch(uncompressed)
         temp = store.layer_dirs.new_temp() if unpack else None
         try:
             try:
-                result = unpack_layer(uncompressed, temp, store.unpack_options) if temp else None
-                uncompressed.drain()  # the diffID covers every byte, also after the tar's end
+                try:
+                    result = unpack_layer(ahead, temp, store.unpack_options) if temp else None
+                    _drain(ahead)  # the diffID covers every byte, also after the tar's end
+                finally:
+                    ahead.close()
             except ContentError:
                 # Broken or hostile content may just be a registry serving the wrong bytes:
                 # if the blob's own digest does not match, that is the error to report.
