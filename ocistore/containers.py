@@ -3,7 +3,7 @@
 This module keeps the records (in the store's metadata database) and the rules: names and
 ids, which driver, volumes in use, what ``rm`` may remove. The filesystem mechanics of
 each driver (overlay mounts, the copy driver's materialised tree, diffs, the changes tar)
-are in ``snapshots.py``; volume directories and bind mounts in ``volumes.py``.
+are in ``ocistore.snapshots``; volume directories and bind mounts in ``volumes.py``.
 
 Layout: ``ROOT/containers/<id>/`` is the driver's directory, ``ROOT/volumes/<name>/_data``
 a volume's data — both outside ``ROOT/layers``, which a container never writes.
