@@ -344,7 +344,16 @@ class LayerIngester:
                 store.metadata.remove_layer(str(diff_id))  # its directory was lost: redo it
                 record = None
             have_blob = store.content.has(desc.digest)
-            if record is not None and have_blob:
+            # What the blob unpacked to when it was verified; a config that names another
+            # diffID lies, also when that other layer is here (docker refuses it too).
+            known = store.metadata.blob_diff_id(str(desc.digest)) if have_blob else None
+            if known is not None and known != str(diff_id):
+                raise DiffIDMismatchError(
+                    f"layer {desc.digest} unpacks to {known}, but the config says its "
+                    f"diffID is {diff_id}",
+                    digest=str(desc.digest),
+                )
+            if record is not None and known is not None:
                 store.metadata.add_layer_blob(
                     str(desc.digest), str(diff_id), desc.media_type, desc.size
                 )

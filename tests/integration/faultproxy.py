@@ -11,6 +11,10 @@ and the answer streamed back, unless a fault says otherwise. Faults, set per tes
 * ``stall(after=N, times=K, match=..., timeout=...)``: stop sending after N body bytes until
   ``release()`` (or the bounded timeout), then close;
 * ``corrupt(match=..., at=OFFSET)``: serve the blob with its bytes changed (same length);
+* ``rewrite(match=..., body=..., headers=..., length=True)``: a registry that lies about
+  what it serves: the upstream's status and headers, but ``body`` instead of its body
+  (``Content-Length`` follows the new body; ``length=False`` sends none, so the body ends
+  with the connection) and ``headers`` instead of the upstream's (``None`` drops one);
 * ``ignore_range = True``: drop ``Range`` upstream, so blobs come back whole with 200;
 * ``throttle(chunk, delay)``: a slow registry (``delay`` seconds per ``chunk`` bytes);
 * ``pause_after(N)``: every blob response stops once N blob body bytes were sent in total
@@ -66,7 +70,7 @@ def matcher(match: str | Matcher | None) -> Matcher:
 
 @dataclass
 class Fault:
-    kind: str  # "status", "cut", "stall", "corrupt"
+    kind: str  # "status", "cut", "stall", "corrupt", "rewrite"
     match: Matcher
     times: int | None  # None: every matching request
     status: int = 0
@@ -75,6 +79,9 @@ class Fault:
     reset: bool = False
     timeout: float = 10.0
     at: int = 0
+    body: bytes | None = None  # rewrite: served instead of the upstream's body
+    headers: dict[str, str | None] = field(default_factory=dict)  # rewrite: None drops
+    length: bool = True  # rewrite: send Content-Length
     applied: int = 0
 
     def take(self, method: str, path: str) -> bool:
@@ -211,6 +218,30 @@ class FaultProxy:
         self, *, match: str | Matcher | None = None, at: int = 0, times: int | None = None
     ) -> Fault:
         return self._add(Fault("corrupt", matcher(match), times, at=at))
+
+    def rewrite(
+        self,
+        *,
+        match: str | Matcher,
+        body: bytes | None = None,
+        headers: dict[str, str | None] | None = None,
+        length: bool = True,
+        times: int | None = None,
+    ) -> Fault:
+        """Answer matching requests with the upstream's status and headers, but ``body`` in
+        place of its body (if given) and ``headers`` in place of its headers (case-insensitive
+        names; a ``None`` value removes the header). ``length=False``: no ``Content-Length``,
+        the body is delimited by closing the connection."""
+        return self._add(
+            Fault(
+                "rewrite",
+                matcher(match),
+                times,
+                body=body,
+                headers=dict(headers or {}),
+                length=length,
+            )
+        )
 
     def clear(self) -> None:
         """Remove every fault, throttle and pause (records are kept)."""
@@ -367,9 +398,19 @@ class _Handler(BaseHTTPRequestHandler):
         faults: list[Fault],
         is_blob: bool,
     ) -> None:
-        declared = resp.getheader("Content-Length")
+        declared: str | None = resp.getheader("Content-Length")
         buffered: bytes | None = None
-        if declared is None:
+        rewrite = next((f for f in faults if f.kind == "rewrite"), None)
+        overrides = {k.lower(): v for k, v in rewrite.headers.items()} if rewrite else {}
+        if rewrite is not None:
+            upstream = resp.read() if self.command != "HEAD" else None
+            buffered = rewrite.body if rewrite.body is not None else upstream
+            if buffered is not None:  # (a HEAD keeps the upstream's length unless replaced)
+                declared = str(len(buffered))
+            if not rewrite.length:
+                declared = None
+            record.fault = "rewrite"
+        elif declared is None:
             buffered = resp.read() if self.command != "HEAD" else b""
             declared = str(len(buffered))
         record.status = resp.status
@@ -377,8 +418,14 @@ class _Handler(BaseHTTPRequestHandler):
         for name, value in resp.getheaders():
             if name.lower() in _HOP_BY_HOP or name.lower() in ("content-length", "date", "server"):
                 continue
+            if name.lower() in overrides:
+                continue
             self.send_header(name, value)
-        self.send_header("Content-Length", declared)
+        for name, override in overrides.items():
+            if override is not None:
+                self.send_header(name, override)
+        if declared is not None:
+            self.send_header("Content-Length", declared)
         self.send_header("Connection", "close")
         self.end_headers()
         if self.command == "HEAD":
