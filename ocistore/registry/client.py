@@ -36,7 +36,12 @@ from ocistore.errors import (
 from ocistore.model import MAX_MANIFEST_BYTES
 from ocistore.reference import Reference
 from ocistore.registry.auth import Authenticator, Credentials, load_docker_credentials
-from ocistore.registry.transport import TransportOptions, is_insecure, make_session
+from ocistore.registry.transport import (
+    TransportOptions,
+    is_insecure,
+    make_session,
+    refuses_tls,
+)
 
 MAX_REDIRECTS = 5
 MAX_ATTEMPTS = 5
@@ -112,6 +117,9 @@ class RegistryClient:
     def _probe_scheme(self) -> None:
         """Docker's rule for loopback and --insecure-registry hosts: HTTPS if the host
         speaks it (without verification if its certificate is not trusted), else HTTP."""
+        if refuses_tls(self.host, self.options.timeout):
+            self.base_url = f"http://{self.host}"
+            return
         url = f"https://{self.host}/v2/"
         try:
             self.session.get(url, timeout=self.options.timeout, allow_redirects=False).close()

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import glob
 import os
+import socket
 import ssl
 from typing import Any
+from urllib.parse import urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -32,6 +34,7 @@ __all__ = [
     "is_insecure",
     "is_loopback",
     "make_session",
+    "refuses_tls",
 ]
 
 
@@ -77,3 +80,29 @@ def make_session(host: str, options: TransportOptions) -> tuple[requests.Session
     if os.path.exists(cert) and os.path.exists(key):
         session.cert = (cert, key)
     return session, f"{scheme}://{host}"
+
+
+def refuses_tls(host: str, timeout: tuple[float, float]) -> bool:
+    """True when ``host`` answers a TLS handshake with something that is not TLS: a
+    plain-HTTP registry. Asked directly (only when no proxy is configured for it) with a
+    bare context, so telling a plain-HTTP registry apart costs no CA bundle load. False
+    whenever it cannot tell (no connection, a proxy in the way, a handshake that worked):
+    the caller then probes with a real HTTPS request."""
+    url = f"https://{host}/v2/"
+    if requests.utils.get_environ_proxies(url):
+        return False
+    parts = urlsplit(url)
+    if parts.hostname is None:
+        return False
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE  # a probe: nothing is sent, nothing trusted
+    try:
+        with socket.create_connection((parts.hostname, parts.port or 443), timeout[0]) as sock:
+            sock.settimeout(timeout[1])
+            with context.wrap_socket(sock):
+                return False
+    except ssl.SSLError:
+        return True
+    except OSError:
+        return False

@@ -15,10 +15,10 @@ from ocistore import Store
 from ocistore.digest import Digest
 from ocistore.errors import AuthError, Interrupted, PlatformNotFoundError
 from ocistore.progress import PullEvent
-from ocistore.registry.transport import TransportOptions
+from ocistore.registry.transport import TransportOptions, refuses_tls
 
 from . import trees
-from .registryd import Registry
+from .registryd import Registry, free_port
 
 ROOT_USER = os.geteuid() == 0
 
@@ -114,6 +114,22 @@ def test_loopback_tls_registry_without_its_ca_is_still_https(
     assert str(store.pull(image.reference).manifest_digest) == image.manifest_digest
     log = registry_tls.log_path.read_text(errors="replace")
     assert "http: TLS handshake error" in log  # the verified attempt was refused by us
+
+
+def test_tls_probe_tells_plain_http_from_tls_and_otherwise_says_it_cannot_tell(
+    registry_plain: Registry, registry_tls: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cheap probe that spares loopback pulls loading a CA bundle: True only for a
+    server that answered the handshake with something other than TLS."""
+    timeout = (5.0, 5.0)
+    assert refuses_tls(registry_plain.host, timeout) is True
+    assert refuses_tls(registry_tls.host, timeout) is False
+    assert refuses_tls(f"127.0.0.1:{free_port()}", timeout) is False  # nobody listens
+    # A proxy in the way: a direct answer says nothing about what the proxy would reach.
+    monkeypatch.setenv("https_proxy", "http://127.0.0.1:9")
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    assert refuses_tls(registry_plain.host, timeout) is False
 
 
 # --- what lands on disk -----------------------------------------------------------------
