@@ -71,6 +71,10 @@ class BlobWriter:
         """The bytes a previous attempt left, to feed the unpacker before the network's."""
         return open(self.path, "rb")
 
+    def flush(self) -> None:
+        """Make what was written readable through :meth:`replay`."""
+        self._file.flush()
+
     def keep(self) -> None:
         """Keep what was written (flushed, fsynced) for the next attempt to resume."""
         with suppress(OSError):

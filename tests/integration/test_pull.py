@@ -218,6 +218,54 @@ def test_second_pull_downloads_no_blob(registry_plain: Registry, tmp_path: Path)
     assert len(exists) == len(image.layer_digests)
 
 
+def test_layers_that_find_the_unpack_slot_taken_download_meanwhile_then_unpack(
+    registry_plain: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One unpack at a time (as on 2 CPUs): the first layer keeps the slot until another
+    layer has spooled its whole blob into ingest/; that one then unpacks from there."""
+    from ocistore import ingest
+
+    image = registry_plain.images.multi
+    assert len(image.layer_digests) >= 2
+    monkeypatch.setattr(ingest, "unpack_slots", lambda: 1)
+    spooled = threading.Event()
+    spools: list[str] = []
+    real_spool = ingest.LayerIngester._spool
+    real_stream = ingest.LayerIngester._stream_layer
+
+    def spool(self: ingest.LayerIngester, stream: object, desc: object, writer: object) -> None:
+        real_spool(self, stream, desc, writer)  # type: ignore[arg-type]
+        spools.append(str(desc.digest))  # type: ignore[attr-defined]
+        spooled.set()
+
+    def stream_layer(self: ingest.LayerIngester, *args: object, **kwargs: object) -> None:
+        # The first unpack holds the slot until some other layer spooled (bounded wait).
+        spooled.wait(30)
+        real_stream(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ingest.LayerIngester, "_spool", spool)
+    monkeypatch.setattr(ingest.LayerIngester, "_stream_layer", stream_layer)
+    before = _blob_gets(registry_plain, image.repo)
+    store = _store(tmp_path)
+    result = store.pull(image.reference, jobs=3)
+    assert spools and set(spools) <= set(image.layer_digests)
+    assert result.layers_fetched == len(image.layer_digests)
+    # Every blob (the layers and the config) was fetched once: the spooled ones were read
+    # back from ingest/.
+    assert _blob_gets(registry_plain, image.repo) - before == len(image.layer_digests) + 1
+    assert os.listdir(tmp_path / "store" / "ingest") == []
+    assert store.fsck().problems == []
+    monkeypatch.undo()
+    plain = _store(tmp_path, name="one-by-one")
+    plain.pull(image.reference, jobs=1)
+    for ours, theirs in zip(
+        store.inspect(image.reference).layers, plain.inspect(image.reference).layers, strict=True
+    ):
+        assert ours.diff_id == theirs.diff_id
+        assert ours.directory is not None and theirs.directory is not None
+        assert trees.diff(trees.snapshot(ours.directory), trees.snapshot(theirs.directory)) == []
+
+
 def test_gzip_schema2_and_zstd_variants_share_layer_directories(
     registry_plain: Registry, tmp_path: Path
 ) -> None:
