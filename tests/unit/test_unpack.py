@@ -1080,3 +1080,39 @@ def test_whiteouts_beside_an_opaque_marker_are_dropped_in_overlay_form(
         members = [members[0], members[2], members[1], members[3]]
     env.unpack(build(members), OVERLAY)
     assert env.tree() == {"d": ("d", 0o755, OPAQUE), "d/kept": ("f", 0o644, b"k")}
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o777, 0o000])
+def test_file_modes_hold_whatever_the_umask(env: Env, umask: int) -> None:
+    """Files whose mode the umask leaves alone are created with it (no fchmod); the others
+    still get theirs exactly."""
+    modes = {"rw": 0o644, "x": 0o755, "ro": 0o444, "group-w": 0o664, "none": 0o000}
+    members = [F(name, name.encode(), mode=mode) for name, mode in modes.items()]
+    old = os.umask(umask)
+    try:
+        env.unpack(build(members))
+    finally:
+        os.umask(old)
+    got = {name: stat.S_IMODE(os.lstat(env.dest / name).st_mode) for name in modes}
+    assert got == modes
+    assert {name: (env.dest / name).read_bytes() for name in modes} == {
+        name: name.encode() for name in modes
+    }
+
+
+@pytest.mark.root
+@pytest.mark.skipif(not ROOT, reason="needs root (chown)")
+def test_owners_hold_below_a_setgid_directory(env: Env) -> None:
+    """A setgid destination would hand its group to every new file: the unpacker must not
+    trust what a file is born with there."""
+    os.chown(env.dest, 0, 4242)
+    os.chmod(env.dest, 0o2755)
+    env.unpack(
+        build([F("mine", b"a", uid=0, gid=0), F("theirs", b"b", uid=1000, gid=1000)]),
+        same_owner=True,
+    )
+    owners = {
+        n: (os.lstat(env.dest / n).st_uid, os.lstat(env.dest / n).st_gid)
+        for n in ("mine", "theirs")
+    }
+    assert owners == {"mine": (0, 0), "theirs": (1000, 1000)}
