@@ -33,7 +33,7 @@ from ocistore.registry.options import TransportOptions
 from ocistore.store.content import ContentStore
 from ocistore.store.layers import LayerDirs
 from ocistore.store.metadata import ImageRecord, Metadata
-from ocistore.unpack import UnpackOptions, WhiteoutFormat, probe_whiteout_format
+from ocistore.whiteouts import UnpackOptions, WhiteoutFormat, probe_whiteout_format
 
 if TYPE_CHECKING:
     from ocistore.compose import ComposedTree, LayerView

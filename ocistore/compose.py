@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import IO, BinaryIO
 
 from ocistore.errors import PathNotFoundError, StorageError
-from ocistore.unpack import WhiteoutFormat
+from ocistore.whiteouts import WhiteoutFormat
 
 __all__ = [
     "ComposedTree",

@@ -30,7 +30,7 @@ from ocistore.errors import (
     VolumeNotFoundError,
 )
 from ocistore.store.metadata import ContainerRecord, ImageRecord, VolumeMount
-from ocistore.unpack import WhiteoutFormat
+from ocistore.whiteouts import WhiteoutFormat
 
 if TYPE_CHECKING:
     from ocistore.api import Store

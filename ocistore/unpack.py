@@ -17,13 +17,11 @@ Whiteouts are written either as overlayfs understands them (a 0/0 character devi
 
 from __future__ import annotations
 
-import enum
 import errno
 import os
 import shutil
 import stat
 import tarfile
-import tempfile
 import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -31,6 +29,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Protocol, Self, TypeVar
 
 from ocistore.errors import LayerFormatError, OcistoreError, StorageError, UnsafeLayerError
+from ocistore.whiteouts import OPAQUE_XATTR, UnpackOptions, WhiteoutFormat, probe_whiteout_format
 
 __all__ = [
     "ByteSource",
@@ -69,7 +68,7 @@ _MAX_ID = (1 << 32) - 2
 _WH_PREFIX = ".wh."
 _WH_META_PREFIX = ".wh..wh."
 _WH_OPAQUE = ".wh..wh..opq"
-_OPAQUE_XATTR = "trusted.overlay.opaque"
+_OPAQUE_XATTR = OPAQUE_XATTR
 _OVERLAY_XATTR_PREFIXES = ("trusted.overlay.", "user.overlay.")
 _PAX_XATTR = "SCHILY.xattr."
 _PAX_LIBARCHIVE_XATTR = "LIBARCHIVE.xattr."
@@ -102,24 +101,6 @@ class ByteSource(Protocol):
     def read(self, n: int = -1, /) -> bytes: ...
 
 
-class WhiteoutFormat(enum.Enum):
-    """How whiteouts are written into a layer directory."""
-
-    #: Kernel overlayfs-native: whiteout = 0/0 char device, opaque dir = trusted.overlay.opaque=y.
-    OVERLAY = "overlay"
-    #: Keep the OCI markers as empty regular files: ``.wh.NAME`` and ``.wh..wh..opq``.
-    OCI = "oci"
-
-
-@dataclass(frozen=True)
-class UnpackOptions:
-    whiteouts: WhiteoutFormat
-    #: chown entries to the tar's numeric uid/gid (True when root).
-    same_owner: bool
-    #: create char/block devices (True when root); otherwise skip them with a warning.
-    devices: bool
-
-
 @dataclass
 class UnpackResult:
     #: tar members processed (PAX global headers and GNU long-name headers are not members).
@@ -129,29 +110,6 @@ class UnpackResult:
     #: the layer had a root-level opaque marker (``.wh..wh..opq`` at the top).
     opaque_root: bool
     warnings: list[str]
-
-
-def probe_whiteout_format(directory: str) -> WhiteoutFormat:
-    """OVERLAY if this process can mknod a 0/0 char device AND set trusted.overlay.opaque in
-    ``directory`` (tried in a temporary subdirectory that is removed again), else OCI."""
-    try:
-        probe = tempfile.mkdtemp(prefix=".whiteout-probe-", dir=directory)
-    except OSError as exc:
-        raise StorageError(f"cannot probe whiteout support in {directory}: {exc}") from exc
-    try:
-        node = os.path.join(probe, "whiteout")
-        os.mknod(node, stat.S_IFCHR, os.makedev(0, 0))
-        st = os.lstat(node)
-        if not stat.S_ISCHR(st.st_mode) or st.st_rdev != os.makedev(0, 0):
-            return WhiteoutFormat.OCI
-        os.setxattr(probe, _OPAQUE_XATTR, b"y")
-        if os.getxattr(probe, _OPAQUE_XATTR) != b"y":
-            return WhiteoutFormat.OCI
-    except OSError:
-        return WhiteoutFormat.OCI
-    finally:
-        shutil.rmtree(probe, ignore_errors=True)
-    return WhiteoutFormat.OVERLAY
 
 
 def unpack_layer(stream: ByteSource, dest: str, options: UnpackOptions) -> UnpackResult:

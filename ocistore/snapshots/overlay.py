@@ -38,7 +38,7 @@ from ocistore.snapshots.mounts import (
     remove_tree,
     run_mount,
 )
-from ocistore.unpack import WhiteoutFormat
+from ocistore.whiteouts import WhiteoutFormat
 
 # --- CDIR layout -----------------------------------------------------------------------------
 #: writable layer, overlay work dir, mount point, short links to the layer dirs.
