@@ -21,13 +21,13 @@ import errno
 import os
 import shutil
 import stat
-import tarfile
 import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
-from typing import Protocol, Self, TypeVar
+from typing import Protocol, TypeVar
 
+from ocistore import tarreader as tr
 from ocistore.errors import LayerFormatError, OcistoreError, StorageError, UnsafeLayerError
 from ocistore.whiteouts import OPAQUE_XATTR, UnpackOptions, WhiteoutFormat, probe_whiteout_format
 
@@ -42,21 +42,10 @@ __all__ = [
 
 _T = TypeVar("_T")
 
-# tarfile's header errors are not in typeshed; they exist in every CPython 3.
-_EOFHeaderError: type[Exception] = tarfile.EOFHeaderError  # type: ignore[attr-defined]
-_EmptyHeaderError: type[Exception] = tarfile.EmptyHeaderError  # type: ignore[attr-defined]
-_TruncatedHeaderError: type[Exception] = tarfile.TruncatedHeaderError  # type: ignore[attr-defined]
-
 #: Regular file data is copied in chunks of this size, so memory stays bounded.
 CHUNK_SIZE = 1 << 20
-#: Read size used by tarfile on the caller's stream (also the most it reads past the end).
-_TAR_BUFSIZE = 64 * 1024
 #: Cached parent-directory descriptors; all are closed once there are more than this.
 _DIR_FD_CACHE_MAX = 256
-#: Largest PAX / GNU long-name header we read into memory.
-_MAX_META_HEADER = 1 << 20
-#: Most extended headers (PAX, GNU long name/link) in a row before a real header.
-_MAX_META_CHAIN = 16
 #: Longest entry name (normalised, in bytes) we accept: Linux PATH_MAX.
 _MAX_PATH_BYTES = 4096
 #: Linux keeps 12 bits of major and 20 bits of minor device number.
@@ -79,15 +68,6 @@ _DIR_CREATE_MODE = 0o700
 _IMPLICIT_DIR_MODE = 0o755
 _MARKER_MODE = 0o644
 
-_META_TYPES = frozenset(
-    {
-        tarfile.XHDTYPE,
-        tarfile.XGLTYPE,
-        tarfile.SOLARIS_XHDTYPE,
-        tarfile.GNUTYPE_LONGNAME,
-        tarfile.GNUTYPE_LONGLINK,
-    }
-)
 _NS = 1_000_000_000
 _MAX_NS = (1 << 63) - 1
 _MAX_SECONDS = Decimal(_MAX_NS) / _NS
@@ -115,7 +95,7 @@ class UnpackResult:
 def unpack_layer(stream: ByteSource, dest: str, options: UnpackOptions) -> UnpackResult:
     """Unpack the uncompressed layer tar read from ``stream`` into the empty directory ``dest``.
 
-    Reads the tar up to its end-of-archive block (tarfile may read up to 64 KiB beyond it;
+    Reads the tar up to its end-of-archive block (the reader may read up to 1 MiB beyond it;
     the caller drains the rest). Raises :class:`UnsafeLayerError` for hostile or invalid
     entries, :class:`LayerFormatError` for a broken or truncated tar, :class:`StorageError`
     when the filesystem fails us. Exceptions raised by ``stream.read`` itself propagate
@@ -165,49 +145,7 @@ class _Source:
             raise
 
     def close(self) -> None:
-        """The caller owns the stream; tarfile must not close it."""
-
-
-def _tarinfo_class() -> type[tarfile.TarInfo]:
-    """A TarInfo subclass (one per unpack, it carries state) that makes truncation and bad
-    headers fatal and bounds the memory tarfile uses for extended headers.
-
-    tarfile treats a truncated, empty or invalid header after the first as the end of the
-    archive; only a zero block is a real end for us.
-    """
-
-    class _LayerTarInfo(tarfile.TarInfo):
-        chain = 0
-
-        @classmethod
-        def frombuf(cls, buf: bytes | bytearray, encoding: str, errors: str) -> Self:
-            try:
-                info = super().frombuf(buf, encoding, errors)
-            except _EOFHeaderError:
-                raise  # a zero block: the real end of the archive
-            except _EmptyHeaderError:
-                raise LayerFormatError(
-                    "layer tar is empty or truncated: the stream ends before the "
-                    "end-of-archive block"
-                ) from None
-            except _TruncatedHeaderError:
-                raise LayerFormatError("layer tar is truncated inside a header") from None
-            except tarfile.HeaderError as exc:
-                raise LayerFormatError(f"layer tar has an invalid header: {exc}") from None
-            if info.type in _META_TYPES:
-                cls.chain += 1
-                if cls.chain > _MAX_META_CHAIN:
-                    raise LayerFormatError("layer tar has too many extended headers in a row")
-                if info.size > _MAX_META_HEADER:
-                    raise LayerFormatError(
-                        f"layer tar has an extended header of {info.size} bytes "
-                        f"(limit {_MAX_META_HEADER})"
-                    )
-            else:
-                cls.chain = 0
-            return info
-
-    return _LayerTarInfo
+        """The caller owns the stream; the reader must not close it."""
 
 
 def _printable(path: str) -> str:
@@ -231,7 +169,7 @@ def _split(name: str) -> list[str]:
     return parts
 
 
-def _mtime_ns(member: tarfile.TarInfo) -> int:
+def _mtime_ns(member: tr.TarEntry) -> int:
     raw = member.pax_headers.get("mtime")
     if raw is None:
         seconds = Decimal(int(member.mtime))
@@ -249,7 +187,7 @@ def _mtime_ns(member: tarfile.TarInfo) -> int:
     return int(seconds * _NS)
 
 
-def _meta(member: tarfile.TarInfo) -> _Meta:
+def _meta(member: tr.TarEntry) -> _Meta:
     for what, value in (("uid", member.uid), ("gid", member.gid)):
         if not 0 <= value <= _MAX_ID:
             raise UnsafeLayerError(
@@ -326,30 +264,15 @@ class _Unpacker:
     def run(self, stream: ByteSource) -> UnpackResult:
         source = _Source(stream)
         try:
-            tar = self._parse(
-                source,
-                lambda: tarfile.open(  # noqa: SIM115 - closed in the finally below
-                    fileobj=typing.cast(typing.IO[bytes], source),
-                    mode="r|",
-                    encoding="utf-8",
-                    errors="surrogateescape",
-                    tarinfo=_tarinfo_class(),
-                    bufsize=_TAR_BUFSIZE,
-                ),
-            )
-            try:
-                while True:
-                    self._evict()
-                    member = self._parse(source, tar.next)
-                    if member is None:
-                        break
-                    # tarfile keeps every member it has read; we need none of them.
-                    tar.members.clear()  # type: ignore[attr-defined]
-                    self.entries += 1
-                    self.current = member.name
-                    self._entry(tar, member)
-            finally:
-                tar.close()
+            tar = tr.TarReader(source)
+            while True:
+                self._evict()
+                member = self._parse(source, tar.next)
+                if member is None:
+                    break
+                self.entries += 1
+                self.current = member.name
+                self._entry(tar, member)
             self.current = ""
             self._finish()
         except OcistoreError:
@@ -371,9 +294,10 @@ class _Unpacker:
 
     @staticmethod
     def _parse(source: _Source, call: Callable[[], _T]) -> _T:
-        """Run a tarfile parsing call; whatever it raises on bad input is a LayerFormatError.
+        """Run a tar parsing call; whatever it raises on bad input is a LayerFormatError.
 
-        On hostile headers tarfile raises not only TarError but also ValueError, IndexError,
+        The reader raises LayerFormatError itself; anything else it might raise on hostile
+        headers (a ValueError, an IndexError, a RecursionError...)
         RecursionError and the like. Errors of the caller's stream pass through unchanged.
         """
         try:
@@ -540,11 +464,11 @@ class _Unpacker:
 
     # --- entries ------------------------------------------------------------------------
 
-    def _entry(self, tar: tarfile.TarFile, member: tarfile.TarInfo) -> None:
+    def _entry(self, tar: tr.TarReader, member: tr.TarEntry) -> None:
         parts = _split(member.name)
         kind = member.type
         if not parts:
-            if kind != tarfile.DIRTYPE:
+            if kind != tr.DIRTYPE:
                 raise UnsafeLayerError(
                     f"layer entry {_printable(member.name)!r} would replace the layer root "
                     "with a non-directory"
@@ -562,20 +486,18 @@ class _Unpacker:
             self._whiteout(member, parts, key)
         elif member.isreg():
             self._file(tar, member, parts, key)
-        elif kind == tarfile.DIRTYPE:
+        elif kind == tr.DIRTYPE:
             self._directory(member, parts, key)
-        elif kind == tarfile.SYMTYPE:
+        elif kind == tr.SYMTYPE:
             self._symlink(member, parts, key)
-        elif kind == tarfile.LNKTYPE:
+        elif kind == tr.LNKTYPE:
             self._hardlink(member, parts, key)
-        elif kind in (tarfile.CHRTYPE, tarfile.BLKTYPE, tarfile.FIFOTYPE):
+        elif kind in (tr.CHRTYPE, tr.BLKTYPE, tr.FIFOTYPE):
             self._special(member, parts, key)
         else:
             self._warn(f"skipped entry of unsupported tar type {kind!r}", key)
 
-    def _file(
-        self, tar: tarfile.TarFile, member: tarfile.TarInfo, parts: list[str], key: str
-    ) -> None:
+    def _file(self, tar: tr.TarReader, member: tr.TarEntry, parts: list[str], key: str) -> None:
         meta = _meta(member)
         xattrs = self._xattrs(member, key)
         name = parts[-1]
@@ -604,15 +526,11 @@ class _Unpacker:
             os.close(fd)
         self.size += member.size
 
-    def _copy(self, tar: tarfile.TarFile, member: tarfile.TarInfo, fd: int) -> None:
+    def _copy(self, tar: tr.TarReader, member: tr.TarEntry, fd: int) -> None:
         """Copy the member's data from the tar stream into ``fd``, in bounded chunks."""
-        raw = tar.fileobj
-        if raw is None or raw.tell() != member.offset_data:  # pragma: no cover - tarfile bug
-            raise LayerFormatError(f"layer tar is out of step at {_printable(member.name)!r}")
         if member.size < 0:
             raise LayerFormatError(f"layer entry {_printable(member.name)!r} has a negative size")
-        # typeshed says bytes; tarfile stores a list of (offset, size) data regions.
-        sparse = typing.cast("list[tuple[int, int]] | None", member.sparse)
+        sparse = member.sparse
         regions = [(0, member.size)] if sparse is None else sparse
         end = 0
         for offset, length in regions:
@@ -625,11 +543,7 @@ class _Unpacker:
                 os.lseek(fd, offset, os.SEEK_SET)  # holes stay holes
             while length > 0:
                 want = min(length, CHUNK_SIZE)
-                data = raw.read(want)
-                if len(data) != want:
-                    raise LayerFormatError(
-                        f"layer tar is truncated in the data of {_printable(member.name)!r}"
-                    )
+                data = tar.read_exact(want)
                 view = memoryview(data)
                 while view:
                     view = view[os.write(fd, view) :]
@@ -637,7 +551,7 @@ class _Unpacker:
         if sparse is not None:
             os.ftruncate(fd, member.size)
 
-    def _directory(self, member: tarfile.TarInfo, parts: list[str], key: str) -> None:
+    def _directory(self, member: tr.TarEntry, parts: list[str], key: str) -> None:
         meta = _meta(member)
         name = parts[-1]
         pfd = self._dir_fd(parts[:-1])
@@ -657,7 +571,7 @@ class _Unpacker:
             self._new_dir(pfd, name, key, fd)
         self._set_xattrs(fd, member, key)
 
-    def _symlink(self, member: tarfile.TarInfo, parts: list[str], key: str) -> None:
+    def _symlink(self, member: tr.TarEntry, parts: list[str], key: str) -> None:
         target = member.linkname
         if not target or "\x00" in target:
             raise UnsafeLayerError(f"symlink {_printable(key)!r} has an empty or invalid target")
@@ -672,7 +586,7 @@ class _Unpacker:
         mtime = meta.mtime_ns or 0
         os.utime(name, ns=(mtime, mtime), dir_fd=pfd, follow_symlinks=False)
 
-    def _hardlink(self, member: tarfile.TarInfo, parts: list[str], key: str) -> None:
+    def _hardlink(self, member: tr.TarEntry, parts: list[str], key: str) -> None:
         shown = _printable(key)
         try:
             tparts = _split(member.linkname)
@@ -717,13 +631,13 @@ class _Unpacker:
         # No owner, mode, time or xattr goes through a hardlink entry: it would change the
         # target's inode, which the target's own entry already set.
 
-    def _special(self, member: tarfile.TarInfo, parts: list[str], key: str) -> None:
+    def _special(self, member: tr.TarEntry, parts: list[str], key: str) -> None:
         kind = member.type
-        if kind == tarfile.CHRTYPE and member.devmajor == 0 and member.devminor == 0:
+        if kind == tr.CHRTYPE and member.devmajor == 0 and member.devminor == 0:
             raise UnsafeLayerError(
                 f"layer entry {_printable(key)!r} is a 0/0 character device (reads as a whiteout)"
             )
-        if kind != tarfile.FIFOTYPE:
+        if kind != tr.FIFOTYPE:
             if not self.options.devices:
                 self._warn("skipped device node (devices disabled)", key)
                 return
@@ -733,10 +647,10 @@ class _Unpacker:
         self._no_xattrs(member, key)
         name = parts[-1]
         pfd = self._dir_fd(parts[:-1])
-        if kind == tarfile.FIFOTYPE:
+        if kind == tr.FIFOTYPE:
             self._create(pfd, name, key, lambda: os.mkfifo(name, 0o600, dir_fd=pfd))
         else:
-            fmt = stat.S_IFCHR if kind == tarfile.CHRTYPE else stat.S_IFBLK
+            fmt = stat.S_IFCHR if kind == tr.CHRTYPE else stat.S_IFBLK
             device = os.makedev(member.devmajor, member.devminor)
             self._create(pfd, name, key, lambda: os.mknod(name, fmt | 0o600, device, dir_fd=pfd))
         if self.options.same_owner:
@@ -751,10 +665,10 @@ class _Unpacker:
 
     # --- whiteouts ----------------------------------------------------------------------
 
-    def _whiteout(self, member: tarfile.TarInfo, parts: list[str], key: str) -> None:
+    def _whiteout(self, member: tr.TarEntry, parts: list[str], key: str) -> None:
         base = parts[-1]
         shown = _printable(key)
-        if not (member.isreg() or member.type == tarfile.LNKTYPE):
+        if not (member.isreg() or member.type == tr.LNKTYPE):
             raise UnsafeLayerError(f"whiteout {shown!r} is not a regular file")
         dparts = parts[:-1]
         victim = base[len(_WH_PREFIX) :]
@@ -790,7 +704,7 @@ class _Unpacker:
         mtime = _mtime_ns(member)
         os.utime(victim, ns=(mtime, mtime), dir_fd=pfd, follow_symlinks=False)
 
-    def _opaque(self, member: tarfile.TarInfo, dparts: list[str], key: str) -> None:
+    def _opaque(self, member: tr.TarEntry, dparts: list[str], key: str) -> None:
         if not dparts:
             self.opaque_root = True
         if not self.overlay:
@@ -806,7 +720,7 @@ class _Unpacker:
             os.unlink(path.rpartition("/")[2], dir_fd=dfd)
             self.wh_devices.discard(path)
 
-    def _marker(self, member: tarfile.TarInfo, dparts: list[str], base: str, key: str) -> None:
+    def _marker(self, member: tr.TarEntry, dparts: list[str], base: str, key: str) -> None:
         """OCI form: keep the marker as an empty regular file of its own name."""
         pfd = self._dir_fd(dparts)
         fd = self._create(
@@ -821,7 +735,7 @@ class _Unpacker:
 
     # --- xattrs -------------------------------------------------------------------------
 
-    def _xattrs(self, member: tarfile.TarInfo, key: str) -> list[tuple[str, bytes]]:
+    def _xattrs(self, member: tr.TarEntry, key: str) -> list[tuple[str, bytes]]:
         """The xattrs we keep: ``user.*`` and ``security.capability``; others are dropped
         with a warning, overlay ones always."""
         headers = member.pax_headers
@@ -841,7 +755,7 @@ class _Unpacker:
                 self._warn("dropped LIBARCHIVE.xattr header (unsupported encoding)", key)
         return kept
 
-    def _set_xattrs(self, fd: int, member: tarfile.TarInfo, key: str) -> None:
+    def _set_xattrs(self, fd: int, member: tr.TarEntry, key: str) -> None:
         for attr, value in self._xattrs(member, key):
             self._setxattr(fd, attr, value, key)
 
@@ -851,7 +765,7 @@ class _Unpacker:
         except OSError as exc:
             self._warn(f"could not set xattr {attr!r} ({exc.strerror})", key)
 
-    def _no_xattrs(self, member: tarfile.TarInfo, key: str) -> None:
+    def _no_xattrs(self, member: tr.TarEntry, key: str) -> None:
         if self._xattrs(member, key):
             self._warn("dropped xattrs of a symlink or special file", key)
 

@@ -548,13 +548,13 @@ HOSTILE = [
         "garbage-sparse-map",
         lambda c: [F("sp", b"x", pax={"GNU.sparse.map": "zz,1"})],
         LayerFormatError,
-        "ValueError",
+        "'sp' has an invalid sparse map",
     ),
     Case(
         "truncated-gnu-sparse-extension",
         _gnu_sparse_truncated,
         LayerFormatError,
-        "IndexError",
+        "truncated in a GNU sparse extension",
     ),
     Case("empty-stream", lambda c: b"", LayerFormatError, "empty or truncated"),
     Case(
