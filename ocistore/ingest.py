@@ -31,7 +31,7 @@ from ocistore.errors import (
     RegistryError,
     SizeMismatchError,
 )
-from ocistore.fsutil import file_lock
+from ocistore.fsutil import file_lock, syncfs
 from ocistore.model import Descriptor
 from ocistore.progress import ProgressFn, PullEvent
 from ocistore.store.content import BlobWriter
@@ -132,7 +132,8 @@ class _Prefetch:
         self._source = source
         self._queue: queue.Queue[bytes | BaseException] = queue.Queue(self._DEPTH)
         self._stop = threading.Event()
-        self._buf = memoryview(b"")
+        self._data = b""  # the chunk being served, from _off on
+        self._off = 0
         self._done = False
         self._thread = threading.Thread(target=self._run, name="ocistore-inflate", daemon=True)
         self._thread.start()
@@ -156,7 +157,7 @@ class _Prefetch:
                 continue
 
     def read(self, n: int = -1, /) -> bytes:
-        if not self._buf:
+        if self._off >= len(self._data):
             if self._done:
                 return b""
             item = self._queue.get()
@@ -166,12 +167,8 @@ class _Prefetch:
             if not item:
                 self._done = True
                 return b""
-            self._buf = memoryview(item)
-        if n < 0 or n >= len(self._buf):
-            out, self._buf = bytes(self._buf), memoryview(b"")
-        else:
-            out, self._buf = bytes(self._buf[:n]), self._buf[n:]
-        return out
+            self._data, self._off = item, 0
+        return _serve(self, n)
 
     def close(self) -> None:
         """Stop the producer (also when the reader gave up early) and wait for it."""
@@ -182,28 +179,66 @@ class _Prefetch:
         self._thread.join()
 
 
+class _Writeback:
+    """Flushes a layer directory to disk while it is still being unpacked: each time
+    another ``EVERY`` bytes went by, a helper thread calls syncfs. The syncfs that makes the
+    finished layer durable (LayerDirs.reserve_name) then has only the tail left to write,
+    instead of the whole layer after the last byte."""
+
+    EVERY = 32 << 20
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+        self._due = threading.Event()
+        self._stopping = False
+        self._seen = 0
+        self._next = self.EVERY
+        self._thread = threading.Thread(target=self._run, name="ocistore-writeback", daemon=True)
+        self._thread.start()
+
+    def note(self, nbytes: int) -> None:
+        self._seen += nbytes
+        if self._seen >= self._next:
+            self._next = self._seen + self.EVERY
+            self._due.set()
+
+    def _run(self) -> None:
+        while True:
+            self._due.wait()
+            if self._stopping:
+                return
+            self._due.clear()
+            with contextlib.suppress(OSError):  # only a head start: reserve_name decides
+                syncfs(self._path)
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._due.set()
+        self._thread.join()
+
+
 class _Hashing:
     """Hashes what passes through, in big chunks, while serving the tar reader's small reads."""
 
-    def __init__(self, source: _Readable) -> None:
+    def __init__(self, source: _Readable, on_chunk: Callable[[int], None] | None = None) -> None:
         self._source = source
+        self._on_chunk = on_chunk
         self._hash = hashlib.sha256()
-        self._buf = memoryview(b"")
+        self._data = b""  # the chunk being served, from _off on
+        self._off = 0
         self._eof = False
 
     def read(self, n: int = -1, /) -> bytes:
-        if not self._buf and not self._eof:
+        if self._off >= len(self._data) and not self._eof:
             data = self._source.read(_CHUNK)
             if data:
                 self._hash.update(data)
-                self._buf = memoryview(data)
+                if self._on_chunk is not None:
+                    self._on_chunk(len(data))
             else:
                 self._eof = True
-        if n < 0 or n >= len(self._buf):
-            out, self._buf = bytes(self._buf), memoryview(b"")
-        else:
-            out, self._buf = bytes(self._buf[:n]), self._buf[n:]
-        return out
+            self._data, self._off = data, 0
+        return _serve(self, n)
 
     def drain(self) -> None:
         while self.read(_CHUNK):
@@ -212,6 +247,23 @@ class _Hashing:
     @property
     def digest(self) -> Digest:
         return Digest("sha256", self._hash.hexdigest())
+
+
+class _Served(Protocol):
+    _data: bytes
+    _off: int
+
+
+def _serve(reader: _Served, n: int) -> bytes:
+    """Up to ``n`` bytes of ``reader``'s current chunk: the chunk itself when all of it is
+    asked for (no copy: these are megabytes per call), else a slice."""
+    data, off = reader._data, reader._off
+    if off == 0 and (n < 0 or n >= len(data)):
+        reader._off = len(data)
+        return data
+    end = len(data) if n < 0 else min(off + n, len(data))
+    reader._off = end
+    return data[off:end]
 
 
 def _drain(stream: _Readable) -> None:
@@ -491,9 +543,12 @@ class LayerIngester:
             self.cancel,
             already_written=blob.written if blob else 0,
         )
-        uncompressed = _Hashing(decompressing_reader(tee, compression))
-        ahead = _Prefetch(uncompressed)
         temp = store.layer_dirs.new_temp() if unpack else None
+        writeback = _Writeback(temp) if temp is not None else None
+        uncompressed = _Hashing(
+            decompressing_reader(tee, compression), writeback.note if writeback else None
+        )
+        ahead = _Prefetch(uncompressed)
         try:
             try:
                 try:
@@ -501,6 +556,8 @@ class LayerIngester:
                     _drain(ahead)  # the diffID covers every byte, also after the tar's end
                 finally:
                     ahead.close()
+                    if writeback is not None:
+                        writeback.stop()
             except ContentError:
                 # Broken or hostile content may just be a registry serving the wrong bytes:
                 # if the blob's own digest does not match, that is the error to report.
