@@ -153,8 +153,9 @@ def _nti(field: bytes) -> int:
     if end >= 0:
         field = field[:end]
     try:
-        field.decode("ascii")
-        return int(field.strip() or b"0", 8)
+        # int() refuses non-ASCII bytes itself (tarfile decodes them as ASCII first: the
+        # same refusal), and takes surrounding whitespace as tarfile's strip() does.
+        return int(field or b"0", 8) if field.strip() else 0
     except ValueError:
         raise _InvalidHeader("invalid number field") from None
 

@@ -71,6 +71,7 @@ _MARKER_MODE = 0o644
 _NS = 1_000_000_000
 _MAX_NS = (1 << 63) - 1
 _MAX_SECONDS = Decimal(_MAX_NS) / _NS
+_MAX_WHOLE_SECONDS = _MAX_NS // _NS
 
 
 class ByteSource(Protocol):
@@ -119,8 +120,7 @@ class _Missing(UnsafeLayerError):
     """A path looked up without creating it does not exist (or is not a directory)."""
 
 
-@dataclass(frozen=True)
-class _Meta:
+class _Meta(typing.NamedTuple):  # one per entry: a tuple is built faster than a dataclass
     uid: int
     gid: int
     mode: int
@@ -170,9 +170,12 @@ def _split(name: str) -> list[str]:
 
 
 def _mtime_ns(member: tr.TarEntry) -> int:
-    raw = member.pax_headers.get("mtime")
+    raw = member.pax_headers.get("mtime") if member.pax_headers else None
     if raw is None:
-        seconds = Decimal(int(member.mtime))
+        whole = int(member.mtime)  # the header's octal field: whole seconds
+        if -_MAX_WHOLE_SECONDS <= whole <= _MAX_WHOLE_SECONDS:
+            return whole * _NS
+        seconds = Decimal(whole)
     else:
         try:
             seconds = Decimal(raw)
