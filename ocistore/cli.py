@@ -7,14 +7,14 @@ on stderr and the error's exit code (``--debug`` adds the traceback).
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import sqlite3
 import sys
-import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, TextIO
+
+# json, sqlite3 and threading are imported where they are used: --help and --version need
+# none of them, and most commands need only some.
 
 if TYPE_CHECKING:
     from ocistore.api import Store
@@ -35,7 +35,155 @@ exit codes:
 """
 
 
-def _parser() -> argparse.ArgumentParser:
+def _pull_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("reference", metavar="REF", help="e.g. ubuntu:22.04, ghcr.io/OWNER/IMG:TAG")
+    p.add_argument("--platform", metavar="OS/ARCH[/VARIANT]", help="default: this machine's")
+    p.add_argument("--jobs", type=int, default=3, metavar="N", help="layers fetched at once")
+    p.add_argument("-q", "--quiet", action="store_true", help="print only the final line")
+
+
+def _json_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def _ref_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("reference", metavar="REF")
+
+
+def _rmi_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-f", "--force", action="store_true", help="even if a container uses it")
+    p.add_argument("reference", metavar="REF", nargs="+")
+
+
+def _rootfs_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("reference", metavar="REF")
+    p.add_argument("dest", metavar="DEST", help="a new or empty directory")
+
+
+def _export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("reference", metavar="REF")
+    p.add_argument("-o", "--output", metavar="FILE", help="default: standard output")
+
+
+def _ls_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("reference", metavar="REF")
+    p.add_argument("path", metavar="PATH", nargs="?", default="/")
+    p.add_argument("-l", dest="long", action="store_true", help="long listing")
+
+
+def _cat_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("reference", metavar="REF")
+    p.add_argument("path", metavar="PATH")
+
+
+def _layers_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("reference", metavar="REF")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--json", action="store_true", help="with diffIDs and sizes")
+    g.add_argument("--overlay", action="store_true", help="an overlayfs lowerdir= value")
+
+
+def _create_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("reference", metavar="REF")
+    p.add_argument("--name", help="default: the id's first 12 characters")
+    p.add_argument("--driver", choices=("overlay", "copy"), help="default: overlay if possible")
+    p.add_argument(
+        "-v",
+        "--volume",
+        action="append",
+        default=[],
+        metavar="VOL:/PATH[:ro]",
+        help="mount a volume (created if needed); repeatable",
+    )
+
+
+def _name_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", metavar="NAME")
+
+
+def _commit_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("new_reference", metavar="NEWREF")
+
+
+def _rm_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-f", "--force", action="store_true", help="unmount first if needed")
+    p.add_argument("name", metavar="NAME", nargs="+")
+
+
+def _ps_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-a", "--all", action="store_true", help="also those not mounted")
+    p.add_argument("-s", "--size", action="store_true", help="writable and virtual sizes")
+    p.add_argument("--json", action="store_true")
+
+
+def _df_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true")
+
+
+def _no_args(p: argparse.ArgumentParser) -> None:
+    pass
+
+
+def _fsck_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--repair", action="store_true", help="remove what is broken")
+
+
+def _volume_args(p: argparse.ArgumentParser) -> None:
+    vsub = p.add_subparsers(dest="volume_command", metavar="COMMAND", required=True)
+    v = vsub.add_parser("create", help="create a volume")
+    v.add_argument("name", metavar="NAME")
+    vsub.add_parser("ls", help="list volumes")
+    v = vsub.add_parser("inspect", help="show a volume (JSON)")
+    v.add_argument("name", metavar="NAME")
+    v = vsub.add_parser("rm", help="remove volumes that no container uses")
+    v.add_argument("name", metavar="NAME", nargs="+")
+
+
+#: The sub-commands in the order ``--help`` lists them: (help, adds its arguments).
+_COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
+    "pull": ("pull an image from a registry", _pull_args),
+    "images": ("list the images in the store", _json_args),
+    "inspect": ("show an image's manifest, config and layers (JSON)", _ref_args),
+    "rmi": ("remove an image and what only it used", _rmi_args),
+    "rootfs": ("materialise an image's filesystem into a directory", _rootfs_args),
+    "export": ("an image's filesystem as one tar stream", _export_args),
+    "ls": ("list a directory inside an image", _ls_args),
+    "cat": ("print a file inside an image", _cat_args),
+    "layers": ("an image's layer directories, base first", _layers_args),
+    "create": ("create a container (a writable layer on an image)", _create_args),
+    "mount": ("mount a container's rootfs and print its path", _name_args),
+    "umount": ("unmount a container's rootfs", _name_args),
+    "diff": ("changes against the image (A added, C changed, D deleted)", _name_args),
+    "commit": ("make a new image from a container's changes", _commit_args),
+    "rm": ("remove containers and their writable layers", _rm_args),
+    "ps": ("list containers", _ps_args),
+    "df": ("space used by images, layers, containers and volumes", _df_args),
+    "prune": ("remove blobs, layers and leftovers nothing references", _no_args),
+    "fsck": ("verify every blob, layer and record of the store", _fsck_args),
+    "volume": ("manage volumes", _volume_args),
+}
+
+#: The global options, and whether each takes a value.
+_GLOBAL_OPTIONS = {
+    "--root": True,
+    "--insecure-registry": True,
+    "--certs-dir": True,
+    "--debug": False,
+    "--version": False,
+    "--help": False,
+}
+
+
+def _parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The command line parser; with ``only``, it holds that one sub-command's parser
+    (``""``: none) instead of all of them.
+
+    Building every sub-parser costs more than most commands' own work (each one is an
+    ArgumentParser, its help option asks the terminal for its width and gettext for its
+    strings), and a parse uses one of them: main() builds all only when argparse may have
+    to show the list of commands (``--help``, no or an unknown command).
+    """
     parser = argparse.ArgumentParser(
         prog="ocistore",
         description="A daemonless container-image store: pull OCI images into a "
@@ -61,99 +209,48 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     parser.add_argument("--version", action="version", version="%(prog)s 0.1.0")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-
-    p = sub.add_parser("pull", help="pull an image from a registry")
-    p.add_argument("reference", metavar="REF", help="e.g. ubuntu:22.04, ghcr.io/OWNER/IMG:TAG")
-    p.add_argument("--platform", metavar="OS/ARCH[/VARIANT]", help="default: this machine's")
-    p.add_argument("--jobs", type=int, default=3, metavar="N", help="layers fetched at once")
-    p.add_argument("-q", "--quiet", action="store_true", help="print only the final line")
-
-    p = sub.add_parser("images", help="list the images in the store")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-
-    p = sub.add_parser("inspect", help="show an image's manifest, config and layers (JSON)")
-    p.add_argument("reference", metavar="REF")
-
-    p = sub.add_parser("rmi", help="remove an image and what only it used")
-    p.add_argument("-f", "--force", action="store_true", help="even if a container uses it")
-    p.add_argument("reference", metavar="REF", nargs="+")
-
-    p = sub.add_parser("rootfs", help="materialise an image's filesystem into a directory")
-    p.add_argument("reference", metavar="REF")
-    p.add_argument("dest", metavar="DEST", help="a new or empty directory")
-
-    p = sub.add_parser("export", help="an image's filesystem as one tar stream")
-    p.add_argument("reference", metavar="REF")
-    p.add_argument("-o", "--output", metavar="FILE", help="default: standard output")
-
-    p = sub.add_parser("ls", help="list a directory inside an image")
-    p.add_argument("reference", metavar="REF")
-    p.add_argument("path", metavar="PATH", nargs="?", default="/")
-    p.add_argument("-l", dest="long", action="store_true", help="long listing")
-
-    p = sub.add_parser("cat", help="print a file inside an image")
-    p.add_argument("reference", metavar="REF")
-    p.add_argument("path", metavar="PATH")
-
-    p = sub.add_parser("layers", help="an image's layer directories, base first")
-    p.add_argument("reference", metavar="REF")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--json", action="store_true", help="with diffIDs and sizes")
-    g.add_argument("--overlay", action="store_true", help="an overlayfs lowerdir= value")
-
-    p = sub.add_parser("create", help="create a container (a writable layer on an image)")
-    p.add_argument("reference", metavar="REF")
-    p.add_argument("--name", help="default: the id's first 12 characters")
-    p.add_argument("--driver", choices=("overlay", "copy"), help="default: overlay if possible")
-    p.add_argument(
-        "-v",
-        "--volume",
-        action="append",
-        default=[],
-        metavar="VOL:/PATH[:ro]",
-        help="mount a volume (created if needed); repeatable",
-    )
-
-    p = sub.add_parser("mount", help="mount a container's rootfs and print its path")
-    p.add_argument("name", metavar="NAME")
-    p = sub.add_parser("umount", help="unmount a container's rootfs")
-    p.add_argument("name", metavar="NAME")
-    p = sub.add_parser("diff", help="changes against the image (A added, C changed, D deleted)")
-    p.add_argument("name", metavar="NAME")
-    p = sub.add_parser("commit", help="make a new image from a container's changes")
-    p.add_argument("name", metavar="NAME")
-    p.add_argument("new_reference", metavar="NEWREF")
-    p = sub.add_parser("rm", help="remove containers and their writable layers")
-    p.add_argument("-f", "--force", action="store_true", help="unmount first if needed")
-    p.add_argument("name", metavar="NAME", nargs="+")
-    p = sub.add_parser("ps", help="list containers")
-    p.add_argument("-a", "--all", action="store_true", help="also those not mounted")
-    p.add_argument("-s", "--size", action="store_true", help="writable and virtual sizes")
-    p.add_argument("--json", action="store_true")
-    p = sub.add_parser("df", help="space used by images, layers, containers and volumes")
-    p.add_argument("--json", action="store_true")
-
-    p = sub.add_parser("prune", help="remove blobs, layers and leftovers nothing references")
-    p = sub.add_parser("fsck", help="verify every blob, layer and record of the store")
-    p.add_argument("--repair", action="store_true", help="remove what is broken")
-
-    p = sub.add_parser("volume", help="manage volumes")
-    vsub = p.add_subparsers(dest="volume_command", metavar="COMMAND", required=True)
-    v = vsub.add_parser("create", help="create a volume")
-    v.add_argument("name", metavar="NAME")
-    vsub.add_parser("ls", help="list volumes")
-    v = vsub.add_parser("inspect", help="show a volume (JSON)")
-    v.add_argument("name", metavar="NAME")
-    v = vsub.add_parser("rm", help="remove volumes that no container uses")
-    v.add_argument("name", metavar="NAME", nargs="+")
+    for name, (help_text, add_arguments) in _COMMANDS.items():
+        if only is None or name == only:
+            add_arguments(sub.add_parser(name, help=help_text))
     return parser
 
 
+def _only_parser(argv: Sequence[str]) -> str | None:
+    """Which sub-parser parsing ``argv`` needs (see :func:`_parser`): the command's name, or
+    ``""`` for ``--version`` alone; None (all of them) whenever that is not plain.
+
+    This reads the global options the way argparse does (``--opt VALUE``, ``--opt=VALUE``,
+    unambiguous prefixes) up to the first positional argument, the command. Anything else
+    (``-h``, ``--help``, an unknown or ambiguous option, ``--``, no command) answers None,
+    and argparse then sees the full parser: its result and messages never depend on this.
+    """
+    version = False
+    args = iter(argv)
+    for arg in args:
+        if not arg.startswith("-"):
+            return arg if arg in _COMMANDS else None
+        if not arg.startswith("--") or arg == "--":
+            return None
+        name, has_value, _ = arg.partition("=")
+        matches = [o for o in _GLOBAL_OPTIONS if o == name] or [
+            o for o in _GLOBAL_OPTIONS if o.startswith(name)
+        ]
+        if len(matches) != 1 or matches[0] == "--help":
+            return None
+        if matches[0] == "--version":
+            version = True
+        elif _GLOBAL_OPTIONS[matches[0]] and not has_value:
+            next(args, None)
+    return "" if version else None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    only = _only_parser(arguments)
+    parser = _parser(only)
+    args = parser.parse_args(arguments)
     if args.command is None:
-        parser.print_help(sys.stderr)
+        (parser if only is None else _parser()).print_help(sys.stderr)
         return 2
     from ocistore.errors import Interrupted, OcistoreError
 
@@ -177,7 +274,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = f": {exc.filename}" if exc.filename else ""
         print(f"ocistore: {exc.strerror or exc}{where}", file=sys.stderr)
         return 8
-    except sqlite3.Error as exc:
+    except Exception as exc:
+        import sqlite3  # only now: --help and commands that do not fail need not load it
+
+        if not isinstance(exc, sqlite3.Error):
+            raise
         # The metadata database failed where the library did not translate it (opening a
         # store on a full disk: "database or disk is full"): a store failure, exit 8, one
         # line, not a traceback.
@@ -213,6 +314,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         if args.command == "images":
             return _images(store, args)
         if args.command == "inspect":
+            import json
+
             info = store.inspect(args.reference)
             json.dump(info.to_json(), sys.stdout, indent=2)
             sys.stdout.write("\n")
@@ -264,6 +367,8 @@ def _pull(store: Store, args: argparse.Namespace) -> int:
     view: _Progress | None = None
     if not args.quiet:
         view = _TtyProgress(sys.stderr) if sys.stderr.isatty() else _LogProgress(sys.stderr)
+    import threading
+
     cancel = threading.Event()
     try:
         result = store.pull(
@@ -293,6 +398,7 @@ def _pull(store: Store, args: argparse.Namespace) -> int:
 def _images(store: Store, args: argparse.Namespace) -> int:
     images = store.images()
     if args.json:
+        import json
         from dataclasses import asdict
 
         json.dump([asdict(i) for i in images], sys.stdout, indent=2)
@@ -336,6 +442,8 @@ _LABELS = {
 
 class _Progress:
     def __init__(self, out: TextIO) -> None:
+        import threading
+
         self.out = out
         self.lock = threading.Lock()
 
