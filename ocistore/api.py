@@ -7,7 +7,6 @@ metadata database under one root. It never prints or exits; errors are ``ocistor
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import threading
@@ -26,20 +25,22 @@ from ocistore.errors import (
     UsageError,
 )
 from ocistore.fsutil import file_lock
-from ocistore.platform import Platform
-from ocistore.progress import ProgressFn
 from ocistore.reference import Reference
-from ocistore.registry.options import TransportOptions
 from ocistore.store.content import ContentStore
 from ocistore.store.layers import LayerDirs
 from ocistore.store.metadata import ImageRecord, Metadata
-from ocistore.whiteouts import UnpackOptions, WhiteoutFormat, probe_whiteout_format
 
+# What only some commands need is imported where it is used (json, platform, transport
+# options, whiteouts...): `images`, `create` and the like should not pay for `pull`.
 if TYPE_CHECKING:
     from ocistore.compose import ComposedTree, LayerView
     from ocistore.containers import Containers
+    from ocistore.platform import Platform
+    from ocistore.progress import ProgressFn
     from ocistore.pull import PulledImage
+    from ocistore.registry.options import TransportOptions
     from ocistore.store.maintenance import FsckReport, PruneReport
+    from ocistore.whiteouts import UnpackOptions
 
 
 def default_root() -> str:
@@ -131,7 +132,11 @@ class Store:
         transport: TransportOptions | None = None,
     ) -> None:
         self.root = os.path.abspath(root or default_root())
-        self.transport = transport or TransportOptions()
+        if transport is None:
+            from ocistore.registry.options import TransportOptions
+
+            transport = TransportOptions()
+        self.transport = transport
         self.content = ContentStore(self.root)
         self.layer_dirs = LayerDirs(self.root)
         self._init_lock = threading.Lock()
@@ -151,6 +156,8 @@ class Store:
 
     @cached_property
     def unpack_options(self) -> UnpackOptions:
+        from ocistore.whiteouts import UnpackOptions, WhiteoutFormat, probe_whiteout_format
+
         stored = self.metadata.get_meta("whiteouts")
         if stored is None:
             probed = probe_whiteout_format(self.layer_dirs.dir)
@@ -193,6 +200,8 @@ class Store:
         progress: ProgressFn | None = None,
         cancel: threading.Event | None = None,
     ) -> PulledImage:
+        from ocistore.platform import Platform
+
         ref = reference if isinstance(reference, Reference) else Reference.parse(reference)
         plat = Platform.parse(platform) if isinstance(platform, str) else platform
         self.unpack_options  # noqa: B018 - probe before threads race to do it
@@ -257,10 +266,14 @@ class Store:
         return out
 
     def _config(self, record: ImageRecord) -> dict[str, Any]:
+        import json
+
         doc = json.loads(self.content.read(Digest.parse(record.config_digest)))
         return doc if isinstance(doc, dict) else {}
 
     def inspect(self, reference: str) -> ImageInfo:
+        import json
+
         record = self.resolve(reference)
         manifest = json.loads(self.content.read(Digest.parse(record.manifest_digest)))
         media_types = {
@@ -309,6 +322,7 @@ class Store:
     def layer_views(self, reference: str) -> list[LayerView]:
         """The image's layer directories as the composer reads them, base first."""
         from ocistore.compose import LayerView
+        from ocistore.whiteouts import WhiteoutFormat
 
         record = self.resolve(reference)
         views = []

@@ -4,7 +4,6 @@ keeps parsing, pull and the error/exit-code mapping)."""
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import stat
 import sys
@@ -113,6 +112,8 @@ def _layers(store: Store, args: argparse.Namespace) -> int:
         print(":".join(lowerdir_option(store.layer_views(args.reference))))
         return 0
     if args.json:
+        import json
+
         info = store.inspect(args.reference)
         json.dump(
             [
@@ -149,6 +150,8 @@ def _table(rows: Sequence[Sequence[str]]) -> None:
 def _ps(store: Store, args: argparse.Namespace) -> int:
     items = store.containers.ps(all=args.all, sizes=args.size)
     if args.json:
+        import json
+
         json.dump([asdict(i) for i in items], sys.stdout, indent=2)
         sys.stdout.write("\n")
         return 0
@@ -175,6 +178,8 @@ def _ps(store: Store, args: argparse.Namespace) -> int:
 def _df(store: Store, args: argparse.Namespace) -> int:
     usage = store.df()
     if args.json:
+        import json
+
         json.dump(asdict(usage), sys.stdout, indent=2)
         sys.stdout.write("\n")
         return 0
@@ -227,6 +232,8 @@ def _volume(store: Store, args: argparse.Namespace) -> int:
         rows += [(name, path) for name, _, path in containers.volume_ls()]
         _table(rows)
     elif sub == "inspect":
+        import json
+
         json.dump(containers.volume_inspect(args.name), sys.stdout, indent=2)
         sys.stdout.write("\n")
     elif sub == "rm":

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import os
 import re
-import secrets
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING
 
-from ocistore import snapshots, volumes
+from ocistore import snapshots
 from ocistore.compose import LayerView
 from ocistore.errors import (
     AlreadyExistsError,
@@ -32,6 +31,7 @@ from ocistore.errors import (
 from ocistore.store.metadata import ContainerRecord, ImageRecord, VolumeMount
 from ocistore.whiteouts import WhiteoutFormat
 
+# volumes.py (bind mounts) is imported by what mounts, unmounts or manages volumes.
 if TYPE_CHECKING:
     from ocistore.api import Store
 
@@ -123,9 +123,9 @@ class Containers:
             raise InvalidReferenceError(
                 f"invalid container name {name!r}: letters, digits, '_', '.', '-'"
             )
-        cid = secrets.token_hex(32)
+        cid = os.urandom(32).hex()  # what secrets.token_hex(32) is, without its imports
         name = name or cid[:12]
-        if any(r.name == name for r in self.store.metadata.containers()):
+        if self.store.metadata.container_name_taken(name):
             raise AlreadyExistsError(f"a container named {name!r} exists")
         for mount in mounts:
             self.volume_create(mount.volume, exist_ok=True)
@@ -151,6 +151,8 @@ class Containers:
         return record
 
     def mount(self, name_or_id: str) -> str:
+        from ocistore import volumes
+
         record = self.get(name_or_id)
         driver = snapshots.get_driver(record.driver)
         cdir = self._cdir(record)
@@ -171,6 +173,8 @@ class Containers:
         self._umount(record)
 
     def _umount(self, record: ContainerRecord) -> None:
+        from ocistore import volumes
+
         driver = snapshots.get_driver(record.driver)
         cdir = self._cdir(record)
         rootfs = driver.rootfs(cdir)
@@ -248,12 +252,16 @@ class Containers:
 
     # --- volumes -------------------------------------------------------------------------
     def volume_create(self, name: str, *, exist_ok: bool = False) -> str:
+        from ocistore import volumes
+
         path = volumes.create(self.volume_dir, name)
         if not self.store.metadata.add_volume(name, time.time()) and not exist_ok:
             raise AlreadyExistsError(f"a volume named {name!r} exists")
         return path
 
     def volume_ls(self) -> list[tuple[str, float, str]]:
+        from ocistore import volumes
+
         if not self.store.exists():
             return []
         return [
@@ -274,6 +282,8 @@ class Containers:
         raise VolumeNotFoundError(f"no volume {name!r}")
 
     def volume_rm(self, name: str) -> None:
+        from ocistore import volumes
+
         self.volume_inspect(name)
         users = self.store.metadata.volume_users(name)
         if users:

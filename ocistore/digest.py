@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-import hashlib
 import re
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from ocistore.errors import DigestMismatchError, InvalidDigestError, SizeMismatchError
+
+if TYPE_CHECKING:
+    import hashlib
 
 _HEX_LEN = {"sha256": 64, "sha512": 128}
 _ALGO = re.compile(r"^[a-z0-9]+(?:[.+_-][a-z0-9]+)*$")
@@ -34,9 +36,13 @@ class Digest:
 
     @classmethod
     def of(cls, data: bytes, algorithm: str = "sha256") -> Digest:
+        import hashlib  # here: loading OpenSSL costs ms, and parsing digests needs none of it
+
         return cls(algorithm, hashlib.new(algorithm, data).hexdigest())
 
     def hasher(self) -> hashlib._Hash:
+        import hashlib
+
         return hashlib.new(self.algorithm)
 
     def __str__(self) -> str:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import fcntl
 import os
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from typing import Any
@@ -50,6 +49,8 @@ _SYNCFS: Any = None
 
 def atomic_write(path: str, data: bytes, *, tmp_dir: str | None = None, mode: int = 0o644) -> None:
     """Write ``data`` to ``path`` so that readers see the old file or the new, never half."""
+    import tempfile  # here: most commands never write a file this way
+
     directory = os.path.dirname(path)
     fd, tmp = tempfile.mkstemp(dir=tmp_dir or directory, prefix=".tmp-")
     try:

@@ -3,7 +3,6 @@ so that commands which never talk to a registry do not pay for importing one."""
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass, field
 
 DEFAULT_CERTS_DIR = "/etc/docker/certs.d"
@@ -27,6 +26,8 @@ def is_loopback(host: str) -> bool:
         name = name.partition(":")[0]
     if name == "localhost":
         return True
+    import ipaddress  # here: only talking to a registry needs it
+
     try:
         return ipaddress.ip_address(name).is_loopback
     except ValueError:

@@ -24,19 +24,26 @@ Modules: ``driver`` (the interface, the ``CDIR/driver`` record), ``overlay``, ``
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from ocistore.errors import StorageError, UsageError
-from ocistore.snapshots.changes import Change
-from ocistore.snapshots.changes import _pax_time as _pax_time
-from ocistore.snapshots.changes import _sorted_changes as _sorted_changes
-from ocistore.snapshots.copy import CopyDriver
-from ocistore.snapshots.copy import _Manifest as _Manifest
-from ocistore.snapshots.copy import _Rec as _Rec
 from ocistore.snapshots.driver import Availability, Layer, SnapshotDriver, driver_name
 from ocistore.snapshots.mounts import mount_points, mounts_under, remove_tree, run_mount
 from ocistore.snapshots.overlay import OverlayDriver
 
+if TYPE_CHECKING:
+    from ocistore.snapshots.changes import Change
+    from ocistore.snapshots.changes import _pax_time as _pax_time
+    from ocistore.snapshots.changes import _sorted_changes as _sorted_changes
+    from ocistore.snapshots.copy import CopyDriver
+    from ocistore.snapshots.copy import _Manifest as _Manifest
+    from ocistore.snapshots.copy import _Rec as _Rec
+
+    DRIVERS: dict[str, type[OverlayDriver] | type[CopyDriver]]
+
 # The ``_x as _x`` imports above are internals the unit tests reach through this package.
+# They, the copy driver and the change list load on first use (see __getattr__): an overlay
+# container's create, mount, umount or rm needs none of them.
 __all__ = [
     "DRIVERS",
     "Availability",
@@ -53,10 +60,43 @@ __all__ = [
     "run_mount",
 ]
 
-DRIVERS: dict[str, type[OverlayDriver] | type[CopyDriver]] = {
-    OverlayDriver.name: OverlayDriver,
-    CopyDriver.name: CopyDriver,
+_LAZY = {
+    "Change": "changes",
+    "_pax_time": "changes",
+    "_sorted_changes": "changes",
+    "CopyDriver": "copy",
+    "_Manifest": "copy",
+    "_Rec": "copy",
 }
+
+#: The driver names get_driver() knows.
+_DRIVER_NAMES = ("overlay", "copy")
+
+
+def __getattr__(name: str) -> Any:
+    value: Any
+    if name == "DRIVERS":  # name -> driver class
+        from ocistore.snapshots.copy import CopyDriver
+
+        value = {OverlayDriver.name: OverlayDriver, CopyDriver.name: CopyDriver}
+    elif name in _LAZY:
+        from importlib import import_module
+
+        value = getattr(import_module(f"{__name__}.{_LAZY[name]}"), name)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def _driver_class(name: str) -> type[OverlayDriver] | type[CopyDriver] | None:
+    if name == OverlayDriver.name:
+        return OverlayDriver
+    if name == "copy":
+        from ocistore.snapshots.copy import CopyDriver
+
+        return CopyDriver
+    return None
 
 
 def get_driver(name: str | None = None, layers: Sequence[Layer] | None = None) -> SnapshotDriver:
@@ -67,12 +107,14 @@ def get_driver(name: str | None = None, layers: Sequence[Layer] | None = None) -
         overlay = OverlayDriver()
         if overlay.available(layers or []):
             return overlay
+        from ocistore.snapshots.copy import CopyDriver
+
         return CopyDriver()
-    try:
-        driver: SnapshotDriver = DRIVERS[name]()
-    except KeyError:
-        known = ", ".join(sorted(DRIVERS))
-        raise UsageError(f"unknown snapshot driver {name!r} (known: {known})") from None
+    cls = _driver_class(name)
+    if cls is None:
+        known = ", ".join(sorted(_DRIVER_NAMES))
+        raise UsageError(f"unknown snapshot driver {name!r} (known: {known})")
+    driver: SnapshotDriver = cls()
     if layers is not None:
         verdict = driver.available(layers)
         if not verdict:

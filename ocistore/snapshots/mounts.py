@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import re
 import stat
-import subprocess
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from ocistore.errors import InUseError, MountError, StorageError
@@ -54,6 +53,8 @@ def run_mount(
 ) -> None:
     """Run ``mount``/``umount`` (util-linux); a failure is a MountError saying ``what`` and
     the first line of the tool's stderr."""
+    import subprocess  # here: creating or removing a container runs no tool
+
     env = dict(os.environ, LC_ALL="C")
     try:
         proc = subprocess.run(

@@ -9,18 +9,20 @@ and verified. This module knows nothing of registries, layers or filesystems in 
 
 from __future__ import annotations
 
-import json
 import os
-import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from ocistore import mediatypes as mt
 from ocistore.digest import Digest
 from ocistore.errors import BlobNotFoundError, DigestMismatchError, SizeMismatchError
 from ocistore.fsutil import atomic_write, file_lock, fsync_dir
-from ocistore.model import Descriptor
+
+if TYPE_CHECKING:
+    from ocistore.model import Descriptor
+
+# json is imported where the layout files are read or written: most commands never do.
 
 _INDEX_LOCK = "index.lock"
 
@@ -62,7 +64,7 @@ class BlobWriter:
         else:
             self.path = os.path.join(
                 store.ingest_dir,
-                f"{digest.algorithm}-{digest.hex}.{secrets.token_hex(4)}.partial",
+                f"{digest.algorithm}-{digest.hex}.{os.urandom(4).hex()}.partial",
             )
             self._file = open(self.path, "xb")  # noqa: SIM115 - closed by commit/abort
         self._keep = False
@@ -151,6 +153,8 @@ class ContentStore:
         os.makedirs(self.ingest_dir, exist_ok=True)
         layout = os.path.join(self.root, "oci-layout")
         if not os.path.exists(layout):
+            import json
+
             atomic_write(layout, json.dumps({"imageLayoutVersion": mt.OCI_LAYOUT_VERSION}).encode())
         index = os.path.join(self.root, "index.json")
         if not os.path.exists(index):
@@ -244,11 +248,15 @@ class ContentStore:
         return os.path.join(self.root, "index.json")
 
     def read_index(self) -> dict[str, Any]:
+        import json
+
         with open(self._index_path(), "rb") as f:
             doc: dict[str, Any] = json.load(f)
         return doc
 
     def _write_index(self, doc: dict[str, Any]) -> None:
+        import json
+
         atomic_write(self._index_path(), json.dumps(doc, indent=1).encode() + b"\n")
 
     def set_ref(self, name: str, descriptor: Descriptor) -> None:

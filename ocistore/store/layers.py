@@ -9,8 +9,6 @@ metadata database maps diffIDs and chainIDs to them.
 from __future__ import annotations
 
 import os
-import secrets
-import shutil
 import stat
 
 from ocistore.fsutil import fsync_dir, syncfs
@@ -29,7 +27,7 @@ class LayerDirs:
         return os.path.join(self.dir, name)
 
     def new_temp(self) -> str:
-        path = os.path.join(self.dir, TMP_PREFIX + secrets.token_hex(8))
+        path = os.path.join(self.dir, TMP_PREFIX + os.urandom(8).hex())
         os.mkdir(path, 0o755)
         return path
 
@@ -39,7 +37,7 @@ class LayerDirs:
         The caller records the name, then ``install``s: see ingest's publishing order."""
         syncfs(temp)
         while True:
-            name = secrets.token_hex(13)
+            name = os.urandom(13).hex()  # what secrets.token_hex(13) is, without its imports
             if not os.path.lexists(self.path(name)):
                 return name
 
@@ -49,6 +47,8 @@ class LayerDirs:
 
     def remove(self, path: str) -> None:
         if os.path.lexists(path):
+            import shutil
+
             _make_writable(path)
             shutil.rmtree(path, ignore_errors=True)
 

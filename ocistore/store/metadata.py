@@ -206,6 +206,11 @@ class _Containers:
                 )
         return out
 
+    def container_name_taken(self, name: str) -> bool:
+        with self._lock:
+            row = self._db.execute("SELECT 1 FROM containers WHERE name=?", (name,)).fetchone()
+        return row is not None
+
     def remove_container(self, cid: str) -> None:
         with self.transaction() as db:
             db.execute("DELETE FROM containers WHERE id=?", (cid,))
