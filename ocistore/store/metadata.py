@@ -8,6 +8,7 @@ serialised by sqlite's own locking (``BEGIN IMMEDIATE`` with a busy timeout).
 from __future__ import annotations
 
 import contextlib
+import re
 import sqlite3
 import threading
 import time
@@ -86,6 +87,8 @@ CREATE TABLE IF NOT EXISTS container_volumes (
     PRIMARY KEY (id, target)
 );
 """
+#: What _SCHEMA creates (tables and index): a database that has them all needs no script.
+_SCHEMA_OBJECTS = tuple(re.findall(r"CREATE (?:TABLE|INDEX) IF NOT EXISTS (\w+)", _SCHEMA))
 
 
 @dataclass(frozen=True)
@@ -249,6 +252,13 @@ class Metadata(_Containers):
         self._db = sqlite3.connect(
             path, timeout=60.0, isolation_level=None, check_same_thread=False
         )
+        if self._ready():
+            # Made by an earlier open (WAL mode is kept in the file): only this
+            # connection's own settings are left. No lock, no write transaction: a
+            # read-only command neither waits for a writer nor makes one wait.
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            return
         # Opens are serialised: switching a fresh database to WAL answers "database is
         # locked" at once (no busy timeout) while another process is still creating it.
         with file_lock(path + ".lock"):
@@ -260,6 +270,22 @@ class Metadata(_Containers):
                 "INSERT OR IGNORE INTO meta(key, value) VALUES('schema', ?)",
                 (str(SCHEMA_VERSION),),
             )
+
+    def _ready(self) -> bool:
+        """Whether the database is in WAL mode and holds every table and index of _SCHEMA
+        and its schema row (the last thing a first open writes). Any doubt (no such table,
+        a lock) answers False, and the open takes the creating path."""
+        marks = ", ".join("?" * len(_SCHEMA_OBJECTS))
+        try:
+            mode, objects, schema = self._db.execute(
+                "SELECT (SELECT journal_mode FROM pragma_journal_mode),"
+                f" (SELECT count(*) FROM sqlite_master WHERE name IN ({marks})),"
+                " (SELECT value FROM meta WHERE key='schema')",
+                _SCHEMA_OBJECTS,
+            ).fetchone()
+        except sqlite3.Error:
+            return False
+        return bool(mode == "wal" and objects == len(_SCHEMA_OBJECTS) and schema is not None)
 
     def close(self) -> None:
         self._db.close()
