@@ -6,10 +6,10 @@ metadata database under one root. It never prints or exits; errors are ``ocistor
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import os
 import re
-import threading
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
@@ -33,6 +33,8 @@ from ocistore.store.metadata import ImageRecord, Metadata
 # What only some commands need is imported where it is used (json, platform, transport
 # options, whiteouts...): `images`, `create` and the like should not pay for `pull`.
 if TYPE_CHECKING:
+    import threading
+
     from ocistore.compose import ComposedTree, LayerView
     from ocistore.containers import Containers
     from ocistore.platform import Platform
@@ -132,14 +134,26 @@ class Store:
         transport: TransportOptions | None = None,
     ) -> None:
         self.root = os.path.abspath(root or default_root())
-        if transport is None:
-            from ocistore.registry.options import TransportOptions
-
-            transport = TransportOptions()
-        self.transport = transport
+        self._transport = transport
         self.content = ContentStore(self.root)
         self.layer_dirs = LayerDirs(self.root)
-        self._init_lock = threading.Lock()
+        # threading.Lock is _thread.allocate_lock; importing threading costs ~1 ms that
+        # only pull (which imports it anyway) would use.
+        self._init_lock = _thread.allocate_lock()
+
+    @property
+    def transport(self) -> TransportOptions:
+        """How pulls reach registries; the defaults unless given (made on first use: only
+        pull asks)."""
+        if self._transport is None:
+            from ocistore.registry.options import TransportOptions
+
+            self._transport = TransportOptions()
+        return self._transport
+
+    @transport.setter
+    def transport(self, value: TransportOptions) -> None:
+        self._transport = value
 
     # --- opening -------------------------------------------------------------------------
     @cached_property

@@ -296,6 +296,9 @@ def _one_line(text: str) -> str:
 
 def _store(args: argparse.Namespace) -> Store:
     from ocistore.api import Store
+
+    if args.command != "pull":  # the registry options matter to pull only
+        return Store(args.root)
     from ocistore.registry.options import TransportOptions
 
     return Store(

@@ -6,13 +6,15 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import IO, Protocol
+from typing import IO, TYPE_CHECKING, Protocol
 
 from ocistore.compose import LayerView
 from ocistore.errors import StorageError
 from ocistore.fsutil import atomic_write
-from ocistore.snapshots.changes import Change
 from ocistore.snapshots.mounts import remove_tree
+
+if TYPE_CHECKING:
+    from ocistore.snapshots.changes import Change
 
 #: text file naming the driver ("overlay\n" / "copy\n"); written first by prepare.
 DRIVER_FILE = "driver"

@@ -9,22 +9,11 @@ from __future__ import annotations
 import os
 import stat
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 from ocistore import compose
 from ocistore.errors import MountError, StorageError
 from ocistore.fsutil import file_lock
-from ocistore.snapshots.changes import (
-    _WH_OPAQUE,
-    _WH_PREFIX,
-    Change,
-    ChangeKind,
-    _dir_meta_differs,
-    _is_whiteout,
-    _sorted_changes,
-    _TarWriter,
-)
 from ocistore.snapshots.driver import Availability, Layer, _begin, _remove_cdir, _require
 from ocistore.snapshots.mounts import (
     Entry,
@@ -39,6 +28,11 @@ from ocistore.snapshots.mounts import (
     run_mount,
 )
 from ocistore.whiteouts import WhiteoutFormat
+
+# The change list and the changes tar (snapshots/changes.py) are imported by the methods
+# that make them, diff and commit: create, mount, umount and rm do not load them.
+if TYPE_CHECKING:
+    from ocistore.snapshots.changes import Change, ChangeKind
 
 # --- CDIR layout -----------------------------------------------------------------------------
 #: writable layer, overlay work dir, mount point, short links to the layer dirs.
@@ -61,13 +55,19 @@ def _effective(layers: Sequence[Layer]) -> list[Layer]:
     return compose.effective_layers(layers)
 
 
-@dataclass(frozen=True)
+# _LowerDir and _OverlayFrame are plain classes rather than dataclasses: a dataclass costs
+# most of a millisecond to build when the module loads, and only diff uses these.
+
+
 class _LowerDir:
     """A directory of the image view (the stacked OVERLAY-form layers, no upper): its path
     and the layer roots (top first) that contribute entries to it."""
 
-    rel: str
-    roots: tuple[str, ...]
+    __slots__ = ("rel", "roots")
+
+    def __init__(self, rel: str, roots: tuple[str, ...]) -> None:
+        self.rel = rel
+        self.roots = roots
 
 
 class _LowerView:
@@ -88,6 +88,8 @@ class _LowerView:
     def lookup(
         self, parent: _LowerDir | None, name: str
     ) -> tuple[os.stat_result | None, _LowerDir | None]:
+        from ocistore.snapshots.changes import _is_whiteout
+
         if parent is None:
             return None, None
         rel = _join(parent.rel, name)
@@ -115,6 +117,8 @@ class _LowerView:
         return top, None
 
     def children(self, directory: _LowerDir) -> list[str]:
+        from ocistore.snapshots.changes import _is_whiteout
+
         seen: set[str] = set()
         visible: list[str] = []
         for root in directory.roots:
@@ -131,17 +135,30 @@ class _LowerView:
         return visible
 
 
-@dataclass
 class _OverlayFrame:
-    fd: int
-    rel: str
-    lower: _LowerDir | None
-    hide: bool  # the image's content of this directory is hidden (it or an ancestor is opaque)
-    entries: list[tuple[str, os.stat_result]]
-    image: os.stat_result | None = None
-    st: os.stat_result | None = None
-    index: int = 0
-    changed: bool = False
+    """A directory of the upper layer on the stack of :meth:`OverlayDriver.changes`."""
+
+    __slots__ = ("changed", "entries", "fd", "hide", "image", "index", "lower", "rel", "st")
+
+    def __init__(
+        self,
+        fd: int,
+        rel: str,
+        lower: _LowerDir | None,
+        hide: bool,  # the image's content of this directory is hidden (it or an ancestor is opaque)
+        entries: list[tuple[str, os.stat_result]],
+        image: os.stat_result | None = None,
+        st: os.stat_result | None = None,
+    ) -> None:
+        self.fd = fd
+        self.rel = rel
+        self.lower = lower
+        self.hide = hide
+        self.entries = entries
+        self.image = image
+        self.st = st
+        self.index = 0
+        self.changed = False
 
 
 def _overlay_options_supported() -> list[str]:
@@ -156,8 +173,8 @@ def _overlay_options_supported() -> list[str]:
 
 def _overlay_in_kernel() -> bool:
     try:
-        with open("/proc/filesystems", encoding="ascii", errors="replace") as f:
-            return any(line.split()[-1:] == ["overlay"] for line in f)
+        with open("/proc/filesystems", "rb") as f:  # bytes: no codec module to load
+            return any(line.split()[-1:] == [b"overlay"] for line in f)
     except OSError:
         return False
 
@@ -313,6 +330,13 @@ class OverlayDriver:
         image view): a copied-up or new non-directory is C if the image has the path, else
         A; a whiteout is D; a directory is A if new, C if its type/mode/owner differ or
         anything below it changed; the image entries an opaque directory hides are D."""
+        from ocistore.snapshots.changes import (
+            Change,
+            _dir_meta_differs,
+            _is_whiteout,
+            _sorted_changes,
+        )
+
         view = _LowerView(_effective(layers))
         root_fd = self._upper_fd(cdir)
         out: list[Change] = []
@@ -394,6 +418,8 @@ class OverlayDriver:
         only for a child change included), whiteout devices as ``.wh.NAME``, opaque
         directories as ``DIR/`` + ``DIR/.wh..wh..opq`` + their contents. In each directory:
         the directory entry, its opaque marker, its whiteouts, then its entries by name."""
+        from ocistore.snapshots.changes import _WH_OPAQUE, _WH_PREFIX, _is_whiteout, _TarWriter
+
         root_fd = self._upper_fd(cdir)
         writer = _TarWriter(out)
 
