@@ -15,7 +15,6 @@ from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from typing import IO, TYPE_CHECKING, Any
 
-from ocistore.digest import Digest
 from ocistore.errors import (
     BlobNotFoundError,
     ImageNotFoundError,
@@ -37,6 +36,7 @@ if TYPE_CHECKING:
 
     from ocistore.compose import ComposedTree, LayerView
     from ocistore.containers import Containers
+    from ocistore.digest import Digest
     from ocistore.platform import Platform
     from ocistore.progress import ProgressFn
     from ocistore.pull import PulledImage
@@ -282,14 +282,14 @@ class Store:
     def _config(self, record: ImageRecord) -> dict[str, Any]:
         import json
 
-        doc = json.loads(self.content.read(Digest.parse(record.config_digest)))
+        doc = json.loads(self.content.read(_digest(record.config_digest)))
         return doc if isinstance(doc, dict) else {}
 
     def inspect(self, reference: str) -> ImageInfo:
         import json
 
         record = self.resolve(reference)
-        manifest = json.loads(self.content.read(Digest.parse(record.manifest_digest)))
+        manifest = json.loads(self.content.read(_digest(record.manifest_digest)))
         media_types = {
             str(entry.get("digest")): str(entry.get("mediaType", ""))
             for entry in manifest.get("layers", [])
@@ -472,13 +472,20 @@ class Store:
                     removed_layers.append(diff_id)
             removed_blobs = []
             for digest in sorted(candidates - still_blobs):
-                self.content.delete(Digest.parse(digest))
+                self.content.delete(_digest(digest))
                 removed_blobs.append(digest)
         return RemovedImage(record.name, removed_blobs, removed_layers)
 
 
 def _blob_size(content: ContentStore, digest: str) -> int:
     try:
-        return content.size(Digest.parse(digest))
+        return content.size(_digest(digest))
     except BlobNotFoundError:
         return 0
+
+
+def _digest(text: str) -> Digest:
+    """``Digest.parse``, imported on first use: resolving a name (create) needs none."""
+    from ocistore.digest import Digest
+
+    return Digest.parse(text)

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from ocistore.digest import Digest
 from ocistore.errors import InvalidDigestError, InvalidReferenceError
+
+if TYPE_CHECKING:
+    from ocistore.digest import Digest
 
 DOCKER_HUB = "docker.io"
 DOCKER_HUB_API = "registry-1.docker.io"
@@ -42,6 +45,8 @@ class Reference:
             raise InvalidReferenceError(f"invalid reference {original!r}: empty or padded")
         digest: Digest | None = None
         if "@" in text:
+            from ocistore.digest import Digest  # here: most references have no digest
+
             text, _, digest_text = text.partition("@")
             try:
                 digest = Digest.parse(digest_text)

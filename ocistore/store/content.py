@@ -15,14 +15,15 @@ from contextlib import contextmanager, suppress
 from typing import IO, TYPE_CHECKING, Any
 
 from ocistore import mediatypes as mt
-from ocistore.digest import Digest
 from ocistore.errors import BlobNotFoundError, DigestMismatchError, SizeMismatchError
 from ocistore.fsutil import atomic_write, file_lock, fsync_dir
 
 if TYPE_CHECKING:
+    from ocistore.digest import Digest
     from ocistore.model import Descriptor
 
-# json is imported where the layout files are read or written: most commands never do.
+# json and Digest are imported where used: create, for one, reads no blob and writes no
+# layout file.
 
 _INDEX_LOCK = "index.lock"
 
@@ -226,7 +227,10 @@ class ContentStore:
 
     def put(self, data: bytes, digest: Digest | None = None) -> Digest:
         """Store small content (manifests, configs); idempotent."""
-        digest = digest or Digest.of(data)
+        if digest is None:
+            from ocistore.digest import Digest
+
+            digest = Digest.of(data)
         if self.has(digest):
             return digest
         with self.writer(digest, len(data)) as w:
@@ -239,6 +243,8 @@ class ContentStore:
             os.unlink(self.blob_path(digest))
 
     def iter_blobs(self) -> Iterator[Digest]:
+        from ocistore.digest import Digest
+
         for algorithm in sorted(os.listdir(self.blobs_dir)):
             for name in sorted(os.listdir(os.path.join(self.blobs_dir, algorithm))):
                 yield Digest(algorithm, name)
