@@ -132,7 +132,7 @@ class TarEntry:
 
 
 def _block(n: int) -> int:
-    return (n + BLOCK - 1) // BLOCK * BLOCK if n > 0 else 0
+    return -(-n // BLOCK) * BLOCK
 
 
 def _nts(field: bytes) -> str:
@@ -156,6 +156,10 @@ def _nti(field: bytes) -> int:
         # int() refuses non-ASCII bytes itself (tarfile decodes them as ASCII first: the
         # same refusal), and takes surrounding whitespace as tarfile's strip() does.
         return int(field or b"0", 8) if field.strip() else 0
+    except ValueError:
+        pass
+    try:  # str.strip() also strips \x1c-\x1f, which bytes.strip() keeps
+        return int(field.decode("ascii").strip() or "0", 8)
     except ValueError:
         raise _InvalidHeader("invalid number field") from None
 
@@ -245,7 +249,7 @@ class TarReader:
             out = self._buf[self._pos : self._pos + n]
             self._pos += n
         elif have == 0:
-            out = self._source.read(max(n, READ_SIZE))
+            out = self._source.read(max(min(n, 64 * READ_SIZE), READ_SIZE))
             if len(out) > n:
                 self._buf, self._pos = out, n
                 out = out[:n]
@@ -294,7 +298,15 @@ class TarReader:
         if entry is None:
             return None
         self._current = entry.name
+        if entry._extent < 0:
+            raise LayerFormatError(f"layer entry {_printable(entry.name)!r} has a negative size")
         if entry.isreg() or entry.type not in _SUPPORTED:
+            if entry.sparse is None and entry.size > entry._extent:
+                # a global size (or sparse size) over the header's: tarfile would read
+                # the data past the member's blocks, then fail to seek back
+                raise LayerFormatError(
+                    f"layer entry {_printable(entry.name)!r} has more data than its blocks"
+                )
             data = entry.size if entry.sparse is None else entry._extent
             self._data_left = max(data, 0)
             self._skip = max(entry._extent - self._data_left, 0)
@@ -326,6 +338,8 @@ class TarReader:
             return None
         kind = header[156:157]
         if kind in _META:
+            for start in (100, 108, 116, 136, 329, 337):
+                _nti(header[start : start + 8 if start < 136 or start > 300 else start + 12])
             self._chain += 1
             if self._chain > MAX_META_CHAIN:
                 raise LayerFormatError("layer tar has too many extended headers in a row")
@@ -337,21 +351,22 @@ class TarReader:
             body = self._take(_block(size))
             if len(body) != _block(size):
                 raise LayerFormatError("layer tar is truncated inside an extended header")
-            body = body[:size]
             if kind in (_GNU_LONGNAME, _GNU_LONGLINK):
                 entry = self._member_after_meta()
                 if kind == _GNU_LONGNAME:
                     entry.name = _nts(body)
-                    if entry.type == DIRTYPE:
-                        entry.name = entry.name.removesuffix("/")
                 else:
                     entry.linkname = _nts(body)
+                if entry.type == DIRTYPE:
+                    entry.name = entry.name.removesuffix("/")
                 return entry
             return self._pax(kind, body)
         self._chain = 0
         entry = self._entry(header, kind)
-        if self._globals:
+        if self._globals and kind != _GNU_SPARSE:
             self._apply_pax(entry, self._globals)
+        if entry.type == DIRTYPE:
+            entry.name = entry.name.rstrip("/")
         return entry
 
     def _member_after_meta(self) -> TarEntry:
@@ -392,10 +407,7 @@ class TarReader:
         blocks; the member's size is the file's, its data extent the stored bytes."""
         structs = []
         for pos in range(386, 386 + 4 * 24, 24):
-            try:
-                structs.append((_nti(header[pos : pos + 12]), _nti(header[pos + 12 : pos + 24])))
-            except _InvalidHeader:
-                break
+            structs.append((_nti(header[pos : pos + 12]), _nti(header[pos + 12 : pos + 24])))
         extended = header[482]
         real_size = _nti(header[483:495])
         while extended:
@@ -403,10 +415,7 @@ class TarReader:
             if len(block) != BLOCK:
                 raise LayerFormatError("layer tar is truncated in a GNU sparse extension")
             for pos in range(0, 21 * 24, 24):
-                try:
-                    offset, numbytes = _nti(block[pos : pos + 12]), _nti(block[pos + 12 : pos + 24])
-                except _InvalidHeader:
-                    break
+                offset, numbytes = _nti(block[pos : pos + 12]), _nti(block[pos + 12 : pos + 24])
                 if offset and numbytes:
                     structs.append((offset, numbytes))
             extended = block[504]
@@ -418,6 +427,12 @@ class TarReader:
         headers = self._globals if kind == _PAX_GLOBAL else dict(self._globals)
         # Values are UTF-8; what is not (hdrcharset=BINARY, or old GNU tars that wrote raw
         # names without saying so) is kept byte for byte as surrogate escapes.
+        charset = re.search(rb"\d+ hdrcharset=([^\n]+)\n", body)
+        if charset is not None:
+            try:
+                headers["hdrcharset"] = charset.group(1).decode("utf-8")
+            except UnicodeDecodeError:
+                raise LayerFormatError("layer tar has a PAX hdrcharset that is not UTF-8") from None
         pos = 0
         while True:
             match = _PAX_RECORD.match(body, pos)
@@ -431,10 +446,12 @@ class TarReader:
             headers[keyword] = _decode_pax(value, "utf-8")
             pos += length
         entry = self._member_after_meta()
+        self._pax_sparse(entry, headers, body)
         if kind == _PAX_GLOBAL:
             return entry  # _member applied the (updated) globals already
-        self._pax_sparse(entry, headers, body)
         self._apply_pax(entry, headers)
+        if "size" in headers and (entry.type in _REGULAR or entry.type not in _SUPPORTED):
+            entry._extent = _block(entry.size)
         return entry
 
     def _pax_sparse(self, entry: TarEntry, headers: dict[str, str], body: bytes) -> None:
@@ -476,7 +493,11 @@ class TarReader:
         pad = _block(taken) - taken
         if pad and len(self._take(pad)) != pad:
             raise LayerFormatError("layer tar is truncated in a sparse map")
-        entry._extent = max(entry._extent - _block(taken), 0)
+        if _block(taken) > entry._extent:
+            raise LayerFormatError(
+                f"layer entry {_printable(entry.name)!r} has a sparse map longer than its data"
+            )
+        entry._extent -= _block(taken)
         entry.sparse = list(zip(numbers[::2], numbers[1::2], strict=False))
 
     @staticmethod
@@ -490,10 +511,6 @@ class TarReader:
                         number = 0
                     if keyword == "size":
                         entry.size = number
-                        if entry.sparse is None and (
-                            entry.type in _REGULAR or entry.type not in _SUPPORTED
-                        ):
-                            entry._extent = _block(number)
                     elif keyword == "uid":
                         entry.uid = number
                     else:
@@ -517,8 +534,6 @@ class TarReader:
                         f"layer entry {_printable(entry.name)!r} has an invalid sparse size"
                     ) from None
         entry.pax_headers = dict(headers)
-        if entry.type == DIRTYPE:
-            entry.name = entry.name.rstrip("/")
 
 
 def _printable(path: str) -> str:

@@ -537,6 +537,8 @@ class _Unpacker:
         regions = [(0, member.size)] if sparse is None else sparse
         end = 0
         for offset, length in regions:
+            if length == 0 and sparse is not None:
+                continue  # GNU 'S' headers pad their 4 slots with (0, 0)
             if offset < end or length < 0 or offset + length > member.size:
                 raise LayerFormatError(
                     f"layer entry {_printable(member.name)!r} has an invalid sparse map"
