@@ -372,7 +372,7 @@ class Store:
         materialize(tree, dest)
 
     def export(self, reference: str, out: IO[bytes]) -> None:
-        from ocistore.compose import export_tar
+        from ocistore.export import export_tar
 
         export_tar(self.tree(reference), out)
 

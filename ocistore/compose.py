@@ -7,7 +7,7 @@ building it on disk first. Three drivers share this one view:
 * :class:`ComposedTree` walks, lists, looks up (symlinks resolved inside the image, like a
   chroot) and opens files straight from the layer directories;
 * :func:`materialize` copies the composed tree into a directory (reflinks when possible);
-* :func:`export_tar` streams it as one PAX tar;
+* :func:`ocistore.export.export_tar` streams it as one PAX tar;
 
 and :func:`lowerdir_option` gives the kernel's overlayfs the same stack. The kernel is the
 oracle: every rule here is what overlayfs does with the layer directories as lowerdirs, plus
@@ -21,10 +21,9 @@ import errno
 import fcntl
 import os
 import stat
-import tarfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import IO, BinaryIO
+from typing import BinaryIO
 
 from ocistore.errors import PathNotFoundError, StorageError
 from ocistore.whiteouts import WhiteoutFormat
@@ -34,7 +33,7 @@ __all__ = [
     "LayerView",
     "Node",
     "effective_layers",
-    "export_tar",
+    "kept_xattr",
     "lowerdir_option",
     "materialize",
 ]
@@ -55,7 +54,6 @@ _OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _OPEN_SOURCE = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
 _CREATE_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _DIR_CREATE_MODE = 0o700
-_NS = 1_000_000_000
 # errnos that mean "this way of copying is not available here": try the next way.
 _NO_REFLINK = frozenset(
     {errno.EOPNOTSUPP, errno.ENOTTY, errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EBADF}
@@ -638,7 +636,7 @@ class _Materializer:
                 return
             raise
         for attr in names:
-            if not _kept_xattr(attr):
+            if not kept_xattr(attr):
                 continue
             if isinstance(src, int):
                 value = os.getxattr(src, attr)
@@ -652,7 +650,8 @@ class _Materializer:
                     raise
 
 
-def _kept_xattr(attr: str) -> bool:
+def kept_xattr(attr: str) -> bool:
+    """The xattrs an image carries: ``user.*`` (not overlayfs's own) and file capabilities."""
     if attr.startswith("user."):
         return not attr.startswith("user.overlay.")
     return attr == "security.capability"
@@ -675,121 +674,3 @@ def _copy_stream(src: int, out: int, offset: int, length: int | None) -> None:
         offset += len(data)
         if length is not None:
             length -= len(data)
-
-
-# --- export_tar ---------------------------------------------------------------------------
-
-_TAR_TYPES = {
-    stat.S_IFREG: tarfile.REGTYPE,
-    stat.S_IFDIR: tarfile.DIRTYPE,
-    stat.S_IFLNK: tarfile.SYMTYPE,
-    stat.S_IFCHR: tarfile.CHRTYPE,
-    stat.S_IFBLK: tarfile.BLKTYPE,
-    stat.S_IFIFO: tarfile.FIFOTYPE,
-}
-
-
-def export_tar(tree: ComposedTree, out: IO[bytes]) -> None:
-    """Write the composed tree to ``out`` as one PAX tar, streamed from the layer
-    directories (nothing is built on disk). The root is the entry ``./``; hardlinks of one
-    layer are ``LNKTYPE`` members; whiteouts never appear; xattrs (``user.*``,
-    ``security.capability``) are ``SCHILY.xattr.*`` records; mtimes keep nanoseconds."""
-    links: dict[tuple[int, int, int], str] = {}
-    written = 0
-    for node in tree.walk():
-        st = node.stat
-        kind = _TAR_TYPES.get(stat.S_IFMT(st.st_mode))
-        if kind is None:
-            continue  # sockets: tar has no type for them
-        info = tarfile.TarInfo(node.path or ".")
-        info.type = kind
-        info.mode = stat.S_IMODE(st.st_mode)
-        info.uid = st.st_uid
-        info.gid = st.st_gid
-        info.uname = info.gname = ""
-        mtime = st.st_mtime_ns
-        info.mtime = mtime // _NS
-        pax: dict[str, str] = {}
-        if mtime % _NS:
-            pax["mtime"] = _pax_time(mtime)
-        size = 0
-        if kind != tarfile.DIRTYPE and st.st_nlink > 1:
-            key = (node.layer, st.st_dev, st.st_ino)
-            first = links.get(key)
-            if first is None:
-                links[key] = node.path
-            else:
-                info.type = kind = tarfile.LNKTYPE
-                info.linkname = first
-        if kind == tarfile.REGTYPE:
-            size = info.size = st.st_size
-        elif kind == tarfile.SYMTYPE:
-            info.linkname = _read_link(node.source)
-        elif kind in (tarfile.CHRTYPE, tarfile.BLKTYPE):
-            info.devmajor = os.major(st.st_rdev)
-            info.devminor = os.minor(st.st_rdev)
-        if kind in (tarfile.REGTYPE, tarfile.DIRTYPE):
-            _xattr_records(node.source, pax)
-        if pax:
-            info.pax_headers = pax
-        header = info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
-        out.write(header)
-        written += len(header)
-        if size:
-            _stream_file(node.source, size, out)
-            written += size
-            pad = -size % tarfile.BLOCKSIZE
-            if pad:
-                out.write(b"\0" * pad)
-                written += pad
-    # Two zero blocks end the archive; pad to a whole record as tar(1) does.
-    end = 2 * tarfile.BLOCKSIZE
-    end += -(written + end) % tarfile.RECORDSIZE
-    out.write(b"\0" * end)
-
-
-def _pax_time(ns: int) -> str:
-    sign = "-" if ns < 0 else ""
-    whole, frac = divmod(abs(ns), _NS)
-    return f"{sign}{whole}.{frac:09d}".rstrip("0")
-
-
-def _read_link(source: str) -> str:
-    try:
-        return os.readlink(source)
-    except OSError as exc:
-        raise StorageError(f"cannot read symlink {source}: {exc.strerror}") from exc
-
-
-def _xattr_records(source: str, pax: dict[str, str]) -> None:
-    try:
-        names = os.listxattr(source, follow_symlinks=False)
-        for attr in sorted(names):
-            if _kept_xattr(attr):
-                value = os.getxattr(source, attr, follow_symlinks=False)
-                pax["SCHILY.xattr." + attr] = value.decode("utf-8", "surrogateescape")
-    except OSError as exc:
-        if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
-            return
-        raise StorageError(f"cannot read xattrs of {source}: {exc.strerror}") from exc
-
-
-def _stream_file(source: str, size: int, out: IO[bytes]) -> None:
-    """Write exactly ``size`` bytes of ``source`` to ``out`` (the size its header gave)."""
-    try:
-        fd = os.open(source, _OPEN_SOURCE)
-    except OSError as exc:
-        raise StorageError(f"cannot open {source}: {exc.strerror}") from exc
-    try:
-        left = size
-        while left:
-            try:
-                data = os.read(fd, min(left, CHUNK_SIZE))
-            except OSError as exc:
-                raise StorageError(f"cannot read {source}: {exc.strerror}") from exc
-            if not data:
-                raise StorageError(f"{source} changed size while being exported")
-            out.write(data)
-            left -= len(data)
-    finally:
-        os.close(fd)

@@ -1,16 +1,15 @@
 """How a store writes whiteouts into its layer directories, and how that is decided.
 
 Kept apart from the unpacker so that commands which only read the store (``images``,
-``create``, ``ls``) do not import ``tarfile`` and its friends at start-up.
+``create``, ``ls``) do not import ``tarfile`` and its friends at start-up; the probe, which
+runs once per store, imports what it needs itself.
 """
 
 from __future__ import annotations
 
 import enum
 import os
-import shutil
 import stat
-import tempfile
 from dataclasses import dataclass
 
 from ocistore.errors import StorageError
@@ -41,6 +40,9 @@ class UnpackOptions:
 def probe_whiteout_format(directory: str) -> WhiteoutFormat:
     """OVERLAY if this process can mknod a 0/0 char device AND set trusted.overlay.opaque in
     ``directory`` (tried in a temporary subdirectory that is removed again), else OCI."""
+    import shutil
+    import tempfile
+
     try:
         probe = tempfile.mkdtemp(prefix=".whiteout-probe-", dir=directory)
     except OSError as exc:

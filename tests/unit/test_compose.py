@@ -30,11 +30,11 @@ from ocistore.compose import (
     LayerView,
     Node,
     effective_layers,
-    export_tar,
     lowerdir_option,
     materialize,
 )
 from ocistore.errors import PathNotFoundError, StorageError
+from ocistore.export import export_tar
 from ocistore.unpack import UnpackOptions, WhiteoutFormat, unpack_layer
 
 ROOT = os.geteuid() == 0

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from ocistore.compose import ComposedTree, export_tar, lowerdir_option, materialize
+from ocistore.compose import ComposedTree, lowerdir_option, materialize
+from ocistore.export import export_tar
 from ocistore.unpack import WhiteoutFormat
 from tests.unit.test_compose import (
     CASES,
