@@ -11,7 +11,6 @@ import contextlib
 import os
 import re
 from contextlib import AbstractContextManager
-from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from typing import IO, TYPE_CHECKING, Any
 
@@ -41,6 +40,7 @@ if TYPE_CHECKING:
     from ocistore.progress import ProgressFn
     from ocistore.pull import PulledImage
     from ocistore.registry.options import TransportOptions
+    from ocistore.results import DiskUsage, ImageInfo, ImageSummary, RemovedImage
     from ocistore.store.maintenance import FsckReport, PruneReport
     from ocistore.whiteouts import UnpackOptions
 
@@ -56,71 +56,6 @@ def default_root() -> str:
         os.path.expanduser("~"), ".local", "share"
     )
     return os.path.join(data, "ocistore")
-
-
-@dataclass(frozen=True)
-class LayerInfo:
-    digest: str
-    media_type: str
-    size: int
-    diff_id: str
-    chain_id: str
-    directory: str | None
-    unpacked_size: int | None
-
-
-@dataclass(frozen=True)
-class ImageInfo:
-    reference: str
-    manifest_digest: str
-    manifest_media_type: str
-    index_digest: str | None
-    platform: str
-    config_digest: str
-    config: dict[str, Any]
-    layers: list[LayerInfo]
-    pulled: float
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass(frozen=True)
-class ImageSummary:
-    reference: str
-    manifest_digest: str
-    platform: str
-    created: str | None
-    size: int  # unpacked bytes of all its layers
-    compressed_size: int
-    layers: int
-
-
-@dataclass(frozen=True)
-class ImageUsage:
-    reference: str
-    size: int  # all its layers (what `images` shows)
-    shared: int  # of that, layers another image uses too
-    unique: int  # what removing only this image would free in layers
-
-
-@dataclass(frozen=True)
-class DiskUsage:
-    images: list[ImageUsage]
-    layers_total: int  # every layer directory once, however many images share it
-    layers_shared: int  # layers used by two or more images
-    layers_count: int
-    blobs_total: int  # the content store (compressed layers, manifests, configs)
-    blobs_count: int
-    containers: list[tuple[str, int]]  # (name, writable layer bytes)
-    volumes: list[tuple[str, int]]  # (name, bytes)
-
-
-@dataclass(frozen=True)
-class RemovedImage:
-    reference: str
-    blobs: list[str] = field(default_factory=list)
-    layers: list[str] = field(default_factory=list)
 
 
 _ID_PREFIX = re.compile(r"^(?:sha256:)?[0-9a-f]{6,64}$")
@@ -252,6 +187,8 @@ class Store:
         raise ImageNotFoundError(f"no image {reference!r} in the store", reference=reference)
 
     def images(self) -> list[ImageSummary]:
+        from ocistore.results import ImageSummary
+
         if not self.exists():
             return []
         out = []
@@ -287,6 +224,8 @@ class Store:
 
     def inspect(self, reference: str) -> ImageInfo:
         import json
+
+        from ocistore.results import ImageInfo, LayerInfo
 
         record = self.resolve(reference)
         manifest = json.loads(self.content.read(_digest(record.manifest_digest)))
@@ -384,6 +323,8 @@ class Store:
 
     def df(self) -> DiskUsage:
         """Space used, without the over-count of summing images that share layers."""
+        from ocistore.results import DiskUsage, ImageUsage
+
         if not self.exists():
             return DiskUsage([], 0, 0, 0, 0, 0, [], [])
         users: dict[str, set[str]] = {}
@@ -474,6 +415,8 @@ class Store:
             for digest in sorted(candidates - still_blobs):
                 self.content.delete(_digest(digest))
                 removed_blobs.append(digest)
+        from ocistore.results import RemovedImage
+
         return RemovedImage(record.name, removed_blobs, removed_layers)
 
 
