@@ -9,7 +9,6 @@ import stat
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -152,7 +151,7 @@ def _ps(store: Store, args: argparse.Namespace) -> int:
     if args.json:
         import json
 
-        json.dump([asdict(i) for i in items], sys.stdout, indent=2)
+        json.dump([i._asdict() for i in items], sys.stdout, indent=2)
         sys.stdout.write("\n")
         return 0
     header: tuple[str, ...] = ("CONTAINER ID", "NAME", "IMAGE", "DRIVER", "STATUS", "CREATED")
@@ -179,6 +178,7 @@ def _df(store: Store, args: argparse.Namespace) -> int:
     usage = store.df()
     if args.json:
         import json
+        from dataclasses import asdict
 
         json.dump(asdict(usage), sys.stdout, indent=2)
         sys.stdout.write("\n")

@@ -22,8 +22,7 @@ import fcntl
 import os
 import stat
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 from ocistore.errors import PathNotFoundError, StorageError
 from ocistore.whiteouts import WhiteoutFormat
@@ -62,8 +61,7 @@ _NO_COPY_RANGE = frozenset({errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNO
 _NO_XATTR = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.EACCES})
 
 
-@dataclass(frozen=True)
-class LayerView:
+class LayerView(NamedTuple):
     """One unpacked layer directory as the composer reads it."""
 
     #: the layer directory
@@ -92,8 +90,7 @@ def lowerdir_option(layers: Sequence[LayerView]) -> list[str]:
     return [layer.path for layer in reversed(effective_layers(layers))]
 
 
-@dataclass(frozen=True)
-class Node:
+class Node(NamedTuple):
     """One entry of the composed tree."""
 
     #: "/"-joined path relative to the image root ("" is the root); surrogate-escaped str

@@ -15,8 +15,7 @@ import os
 import re
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import IO, TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, NamedTuple
 
 from ocistore import snapshots
 from ocistore.compose import LayerView
@@ -38,8 +37,7 @@ if TYPE_CHECKING:
 _NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}$")
 
 
-@dataclass(frozen=True)
-class ContainerStatus:
+class ContainerStatus(NamedTuple):
     id: str
     name: str
     image: str

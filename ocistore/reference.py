@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from ocistore.errors import InvalidDigestError, InvalidReferenceError
 
@@ -29,8 +28,7 @@ _HOST = re.compile(
 _MAX_NAME = 255
 
 
-@dataclass(frozen=True)
-class Reference:
+class Reference(NamedTuple):
     """A fully normalised reference. ``registry`` is the name users see (``docker.io``)."""
 
     registry: str

@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 import os
 import stat
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from ocistore.errors import StorageError
 
@@ -28,8 +28,7 @@ class WhiteoutFormat(enum.Enum):
     OCI = "oci"
 
 
-@dataclass(frozen=True)
-class UnpackOptions:
+class UnpackOptions(NamedTuple):
     whiteouts: WhiteoutFormat
     #: chown entries to the tar's numeric uid/gid (True when root).
     same_owner: bool

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import IO, TYPE_CHECKING, Protocol
+from typing import IO, TYPE_CHECKING, NamedTuple, Protocol
 
 from ocistore.compose import LayerView
 from ocistore.errors import StorageError
@@ -23,8 +22,7 @@ DRIVER_FILE = "driver"
 Layer = LayerView
 
 
-@dataclass(frozen=True)
-class Availability:
+class Availability(NamedTuple):
     """Whether a driver can be used here, and if not, why (true in a boolean context)."""
 
     ok: bool

@@ -14,8 +14,7 @@ import sqlite3
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from ocistore.fsutil import file_lock
 
@@ -95,8 +94,7 @@ CREATE TABLE IF NOT EXISTS container_volumes (
 _SCHEMA_OBJECTS = tuple(re.findall(r"CREATE (?:TABLE|INDEX) IF NOT EXISTS (\w+)", _SCHEMA))
 
 
-@dataclass(frozen=True)
-class LayerRecord:
+class LayerRecord(NamedTuple):
     diff_id: str
     dir: str
     size: int
@@ -105,16 +103,14 @@ class LayerRecord:
     whiteouts: str
 
 
-@dataclass(frozen=True)
-class ImageLayer:
+class ImageLayer(NamedTuple):
     position: int
     blob_digest: str
     diff_id: str
     chain_id: str
 
 
-@dataclass(frozen=True)
-class ImageRecord:
+class ImageRecord(NamedTuple):
     name: str
     manifest_digest: str
     manifest_type: str
@@ -125,15 +121,13 @@ class ImageRecord:
     pulled: float
 
 
-@dataclass(frozen=True)
-class VolumeMount:
+class VolumeMount(NamedTuple):
     volume: str
     target: str
     readonly: bool
 
 
-@dataclass(frozen=True)
-class ContainerRecord:
+class ContainerRecord(NamedTuple):
     id: str
     name: str
     image: str
