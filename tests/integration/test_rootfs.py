@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import subprocess
 import sys
@@ -279,6 +280,14 @@ def test_ps_sizes_and_df_do_not_overcount(registry_plain: Registry, tmp_path: Pa
     assert usage.layers_shared == layers_total
     assert all(i.unique == 0 for i in usage.images)
     assert sum(i.size for i in usage.images) == 2 * layers_total
+    # The CLI's --json forms carry the same figures, as objects keyed by field name.
+    base = [sys.executable, "-m", "ocistore", "--root", str(tmp_path / "store")]
+    ps = subprocess.run([*base, "ps", "-a", "-s", "--json"], capture_output=True, check=True)
+    [listed] = json.loads(ps.stdout)
+    assert listed["id"] == status.id and listed["name"] == c.name
+    assert (listed["size"], listed["virtual_size"]) == (status.size, status.virtual_size)
+    df = subprocess.run([*base, "df", "--json"], capture_output=True, check=True)
+    assert json.loads(df.stdout)["layers_total"] == layers_total
     store.containers.rm(c.name, force=True)
 
 
