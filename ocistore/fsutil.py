@@ -32,13 +32,17 @@ def _libc_syncfs(fd: int) -> int:
     global _SYNCFS
     if _SYNCFS is None:
         import ctypes
-        import ctypes.util
 
+        # dlopen(NULL): the interpreter's own symbols, libc's among them. Not
+        # ctypes.util.find_library, which imports subprocess and runs ldconfig -p: 20 ms
+        # of the first layer's unpack.
         try:
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-            _SYNCFS = libc.syncfs
+            _SYNCFS = ctypes.CDLL(None, use_errno=True).syncfs
         except (OSError, AttributeError):
-            _SYNCFS = False
+            try:
+                _SYNCFS = ctypes.CDLL("libc.so.6", use_errno=True).syncfs
+            except (OSError, AttributeError):
+                _SYNCFS = False
     if _SYNCFS is False:
         return -1
     return int(_SYNCFS(fd))

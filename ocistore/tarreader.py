@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 from typing import Protocol
+from zlib import adler32 as _adler32
 
 from ocistore.errors import LayerFormatError
 
@@ -164,9 +165,16 @@ def _nti(field: bytes) -> int:
         raise _InvalidHeader("invalid number field") from None
 
 
+def _byte_sum(half: bytes) -> int:
+    """The sum of up to 256 bytes, in C: Adler-32's low half is 1 + the byte sum modulo
+    65521, and 256 bytes sum to at most 65280, so nothing wraps. ``sum()`` walks the bytes
+    as Python ints, 5x slower: 2.7 us per header, 0.2 s for an 84k-entry layer."""
+    return (_adler32(half) & 0xFFFF) - 1
+
+
 def _checksum_ok(header: bytes) -> bool:
     stored = _nti(header[148:156])
-    unsigned = sum(header) - sum(header[148:156]) + 256
+    unsigned = _byte_sum(header[:256]) + _byte_sum(header[256:]) - sum(header[148:156]) + 256
     if stored == unsigned:
         return True
     # Some old tars summed signed chars.

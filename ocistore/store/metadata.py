@@ -264,11 +264,19 @@ class Metadata(_Containers):
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA foreign_keys=ON")
-            self._db.executescript(_SCHEMA)
-            self._db.execute(
-                "INSERT OR IGNORE INTO meta(key, value) VALUES('schema', ?)",
-                (str(SCHEMA_VERSION),),
-            )
+            # One transaction: one WAL sync for the whole schema instead of one per
+            # statement (18 fdatasyncs, 10-20 ms of a cold pull), and a crash leaves all
+            # of it or none.
+            try:
+                self._db.executescript(
+                    f"BEGIN IMMEDIATE;{_SCHEMA}"
+                    "INSERT OR IGNORE INTO meta(key, value) "
+                    f"VALUES('schema', '{int(SCHEMA_VERSION)}');COMMIT;"
+                )
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
 
     def _ready(self) -> bool:
         """Whether the database is in WAL mode and holds every table and index of _SCHEMA
