@@ -191,12 +191,13 @@ def _mtime_ns(member: tr.TarEntry) -> int:
 
 
 def _meta(member: tr.TarEntry) -> _Meta:
-    for what, value in (("uid", member.uid), ("gid", member.gid)):
-        if not 0 <= value <= _MAX_ID:
-            raise UnsafeLayerError(
-                f"layer entry {_printable(member.name)!r} has an invalid {what} {value}"
-            )
-    return _Meta(member.uid, member.gid, member.mode & 0o7777, _mtime_ns(member))
+    uid, gid = member.uid, member.gid
+    if not (0 <= uid <= _MAX_ID and 0 <= gid <= _MAX_ID):
+        what, value = ("uid", uid) if not 0 <= uid <= _MAX_ID else ("gid", gid)
+        raise UnsafeLayerError(
+            f"layer entry {_printable(member.name)!r} has an invalid {what} {value}"
+        )
+    return _Meta(uid, gid, member.mode & 0o7777, _mtime_ns(member))
 
 
 def _umask() -> int | None:
@@ -479,12 +480,13 @@ class _Unpacker:
             self.root_meta = _meta(member)
             self._set_xattrs(self.root_fd, member, ".")
             return
-        for part in parts[:-1]:
-            if part.startswith(_WH_PREFIX):
-                raise UnsafeLayerError(
-                    f"layer entry {_printable(member.name)!r} lies below a whiteout name"
-                )
         key = "/".join(parts)
+        if _WH_PREFIX in key:  # rare: only then look at each component
+            for part in parts[:-1]:
+                if part.startswith(_WH_PREFIX):
+                    raise UnsafeLayerError(
+                        f"layer entry {_printable(member.name)!r} lies below a whiteout name"
+                    )
         if parts[-1].startswith(_WH_PREFIX):
             self._whiteout(member, parts, key)
         elif member.isreg():
@@ -513,11 +515,20 @@ class _Unpacker:
             and (not self.options.same_owner or (meta.uid, meta.gid) == self.born_owner)
         )
         create_mode = mode if born else 0o600
-        fd = self._create(
-            pfd, name, key, lambda: os.open(name, _CREATE_FILE, create_mode, dir_fd=pfd)
-        )
         try:
-            self._copy(tar, member, fd)
+            fd = os.open(name, _CREATE_FILE, create_mode, dir_fd=pfd)
+        except FileExistsError:  # a duplicate entry: the later one wins
+            self._remove(pfd, name, key)
+            fd = os.open(name, _CREATE_FILE, create_mode, dir_fd=pfd)
+        try:
+            size = member.size
+            if 0 < size <= CHUNK_SIZE and member.sparse is None:
+                # Most files: one read, one write; _copy handles the rest.
+                view = memoryview(tar.read_exact(size))
+                while view:
+                    view = view[os.write(fd, view) :]
+            elif size or member.sparse is not None:
+                self._copy(tar, member, fd)
             if not born:
                 if self.options.same_owner:
                     os.fchown(fd, meta.uid, meta.gid)  # before chmod: chown clears setuid

@@ -1185,3 +1185,41 @@ def test_unpack_accepts_old_gnu_sparse_with_fewer_than_4_regions(tmp_path: Path)
     (tmp_path / "dest").mkdir()
     unpack_layer(io.BytesIO(data), str(tmp_path / "dest"), options)
     assert (tmp_path / "dest" / "s").read_bytes() == bytes(4096) + b"AAAAA" + bytes(8192 - 4101)
+
+
+def _outcome(call: Callable[..., Any], *args: Any) -> Any:
+    try:
+        return call(*args)
+    except Exception:
+        return "invalid"
+
+
+def _tarfile_checksum_ok(buf: bytes) -> bool:
+    return tarfile.nti(buf[148:156]) in tarfile.calc_chksums(buf)  # type: ignore[attr-defined]
+
+
+def test_number_fields_and_checksums_agree_with_tarfile() -> None:
+    """The fast paths of the header's number and checksum parsing (one int() call,
+    Adler-32 halves) against tarfile's own nti() and calc_chksums(), field by field."""
+    from ocistore import tarreader
+
+    rng = random.Random(4)
+    alphabet = b"01234567 \x00\x80\xff_x\t\n\x1c89-+"
+    fields = [b"0000644\x00", b"0012345 ", b"\x00" * 8, b"644\x00\x00\x00\x00\x00"]
+    fields += [b"00000001234\x00", b"\x80" + bytes(10) + b"\x01", b"\xff" * 12, b"0_7\x00"]
+    fields += [b"0000644_", b" 644   \x00", b"0644\x00 7 ", b"\x1c644\x00\x00\x00\x00"]
+    for _ in range(20000):
+        size = rng.choice((8, 12))
+        fields.append(bytes(rng.choice(alphabet) for _ in range(size)))
+    tarfile_nti = tarfile.nti  # type: ignore[attr-defined]
+    for field in fields:
+        assert _outcome(tarreader._nti, field) == _outcome(tarfile_nti, field), field
+
+    for _ in range(5000):
+        header = bytearray(rng.getrandbits(8) for _ in range(512))
+        if rng.random() < 0.5:  # a right checksum, unsigned or signed
+            header[148:156] = b" " * 8
+            unsigned, signed = tarfile.calc_chksums(bytes(header))  # type: ignore[attr-defined]
+            header[148:156] = b"%06o\x00 " % rng.choice((unsigned, signed))
+        buf = bytes(header)
+        assert _outcome(tarreader._checksum_ok, buf) == _outcome(_tarfile_checksum_ok, buf)
