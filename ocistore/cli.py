@@ -367,6 +367,9 @@ def _pull(store: Store, args: argparse.Namespace) -> int:
 
     if args.jobs < 1:
         raise UsageError("--jobs must be at least 1")
+    from ocistore.allocator import tune_for_streaming
+
+    tune_for_streaming()
     view: _Progress | None = None
     if not args.quiet:
         view = _TtyProgress(sys.stderr) if sys.stderr.isatty() else _LogProgress(sys.stderr)
