@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from ocistore.errors import DigestMismatchError, InvalidDigestError, SizeMismatchError
 
@@ -15,8 +14,7 @@ _HEX_LEN = {"sha256": 64, "sha512": 128}
 _ALGO = re.compile(r"^[a-z0-9]+(?:[.+_-][a-z0-9]+)*$")
 
 
-@dataclass(frozen=True, order=True)
-class Digest:
+class Digest(NamedTuple):  # a tuple: immutable, ordered, and no dataclasses import
     algorithm: str
     hex: str
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any, NamedTuple
 
 from ocistore import mediatypes as mt
 from ocistore.digest import Digest
@@ -20,13 +21,12 @@ MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 MAX_CONFIG_BYTES = 16 * 1024 * 1024
 
 
-@dataclass(frozen=True)
-class Descriptor:
+class Descriptor(NamedTuple):
     media_type: str
     digest: Digest
     size: int
     platform: Platform | None = None
-    annotations: dict[str, str] = field(default_factory=dict)
+    annotations: Mapping[str, str] = MappingProxyType({})  # a shared default: read-only
 
     @classmethod
     def from_json(cls, obj: Any, *, where: str) -> Descriptor:
@@ -75,21 +75,18 @@ class Descriptor:
         return out
 
 
-@dataclass(frozen=True)
-class Index:
+class Index(NamedTuple):
     media_type: str
     manifests: list[Descriptor]
 
 
-@dataclass(frozen=True)
-class Manifest:
+class Manifest(NamedTuple):
     media_type: str
     config: Descriptor
     layers: list[Descriptor]
 
 
-@dataclass(frozen=True)
-class ImageConfig:
+class ImageConfig(NamedTuple):
     diff_ids: list[Digest]
     platform: Platform
     document: dict[str, Any]

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import platform as _host
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from ocistore.errors import InvalidPlatformError
 
@@ -20,8 +19,7 @@ _ARCH_ALIASES = {
 }
 
 
-@dataclass(frozen=True)
-class Platform:
+class Platform(NamedTuple):
     os: str
     architecture: str
     variant: str = ""

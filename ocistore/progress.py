@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 
-@dataclass(frozen=True)
-class PullEvent:
+class PullEvent(NamedTuple):
     """Progress of a pull, for a UI to show. ``layer`` is None for image-wide events.
 
     phases: resolving, resolved, waiting, downloading, verifying, unpacking,

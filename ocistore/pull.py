@@ -14,8 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import requests
 
@@ -52,15 +51,14 @@ if TYPE_CHECKING:
 _CHUNK = 1 << 20
 
 
-@dataclass(frozen=True)
-class PulledImage:
+class PulledImage(NamedTuple):
     name: str
     manifest_digest: Digest
     index_digest: Digest | None
     platform: Platform
     layers_fetched: int
     bytes_fetched: int
-    layers: list[str] = field(default_factory=list)
+    layers: list[str]
 
 
 class Puller:

@@ -23,7 +23,6 @@ import shutil
 import stat
 import typing
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Protocol, TypeVar
 
@@ -82,8 +81,7 @@ class ByteSource(Protocol):
     def read(self, n: int = -1, /) -> bytes: ...
 
 
-@dataclass
-class UnpackResult:
+class UnpackResult(typing.NamedTuple):
     #: tar members processed (PAX global headers and GNU long-name headers are not members).
     entries: int
     #: bytes of regular file content written (logical size, holes of sparse files included).

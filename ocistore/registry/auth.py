@@ -20,8 +20,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
 import requests
@@ -40,8 +39,7 @@ _EXPIRY_MARGIN = 10.0
 _DEFAULT_TOKEN_LIFETIME = 60.0  # the distribution spec's default when expires_in is absent
 
 
-@dataclass(frozen=True)
-class Credentials:
+class Credentials(NamedTuple):
     username: str
     password: str
 
@@ -49,8 +47,7 @@ class Credentials:
         return f"Credentials(username={self.username!r}, password=***)"
 
 
-@dataclass(frozen=True)
-class Challenge:
+class Challenge(NamedTuple):
     scheme: str  # lower-case: "basic" or "bearer"
     params: dict[str, str]
 
@@ -155,8 +152,7 @@ def _from_helper(helper: str, server: str) -> Credentials | None:
     return None
 
 
-@dataclass
-class _Token:
+class _Token(NamedTuple):
     value: str
     expires_at: float
 

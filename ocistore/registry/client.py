@@ -16,8 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 from urllib.parse import urljoin, urlsplit
 
 import requests
@@ -49,8 +48,7 @@ _RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 _MAX_BACKOFF = 30.0
 
 
-@dataclass(frozen=True)
-class FetchedManifest:
+class FetchedManifest(NamedTuple):
     data: bytes
     content_type: str
     digest: Digest

@@ -3,16 +3,15 @@ so that commands which never talk to a registry do not pay for importing one."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 DEFAULT_CERTS_DIR = "/etc/docker/certs.d"
 # (connect, read): read is per socket read, not for the whole body, so big blobs are fine.
 DEFAULT_TIMEOUT = (15.0, 60.0)
 
 
-@dataclass(frozen=True)
-class TransportOptions:
-    insecure_registries: frozenset[str] = field(default_factory=frozenset)
+class TransportOptions(NamedTuple):
+    insecure_registries: frozenset[str] = frozenset()
     certs_dir: str = DEFAULT_CERTS_DIR
     timeout: tuple[float, float] = DEFAULT_TIMEOUT
     user_agent: str = "ocistore/0.1"
