@@ -223,7 +223,9 @@ class TarReader:
         have = len(self._buf) - self._pos
         if have >= want:
             return True
-        parts = [self._buf[self._pos :]]
+        # No empty leftover in the list: join() returns a lone chunk as it is, but copies
+        # [b"", chunk] -- a megabyte copied at every chunk boundary a header falls on.
+        parts = [self._buf[self._pos :]] if have else []
         while have < want:
             data = self._source.read(max(READ_SIZE, want - have))
             if not data:
