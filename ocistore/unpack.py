@@ -247,6 +247,11 @@ class _Unpacker:
         self.cache: dict[str, int] = {}
         # directories whose owner/mode/mtime are applied at the end, deepest first.
         self.dirs: dict[str, _Meta] = {}
+        # directories of self.dirs made with their final owner and mode: _finish only
+        # sets their mtime (a directory with children needs u+rwx, so one whose final
+        # mode lacks it is made 0700 and fixed at the end).
+        self.born_dirs: set[str] = set()
+        self.implicit_born = self._born_dir(_IMPLICIT_META)
         self.root_meta: _Meta | None = None
         # paths whose lower-layer content this layer hides: named by a ".wh.NAME" or
         # replaced by a later entry of this layer. A directory at such a path is opaque.
@@ -402,8 +407,11 @@ class _Unpacker:
             # An OVERLAY whiteout device stands where this layer now needs a directory.
             os.unlink(name, dir_fd=parent_fd)
             self.wh_devices.discard(key)
-        os.mkdir(name, _DIR_CREATE_MODE, dir_fd=parent_fd)
+        born = self.implicit_born and key not in self.dirs
+        os.mkdir(name, _IMPLICIT_DIR_MODE if born else _DIR_CREATE_MODE, dir_fd=parent_fd)
         self.dirs.setdefault(key, _IMPLICIT_META)
+        if born:
+            self.born_dirs.add(key)
         fd = os.open(name, _OPEN_DIR, dir_fd=parent_fd)
         try:
             self._new_dir(parent_fd, name, key, fd)
@@ -437,6 +445,7 @@ class _Unpacker:
             os.close(self.cache.pop(path))
         for path in [p for p in self.dirs if p == key or p.startswith(prefix)]:
             del self.dirs[path]
+            self.born_dirs.discard(path)
         for path in [p for p in self.wh_devices if p == key or p.startswith(prefix)]:
             self.wh_devices.discard(path)
 
@@ -569,17 +578,23 @@ class _Unpacker:
         meta = _meta(member)
         name = parts[-1]
         pfd = self._dir_fd(parts[:-1])
+        born = self._born_dir(meta)
+        create_mode = meta.mode if born else _DIR_CREATE_MODE
         created = True
         try:
-            os.mkdir(name, _DIR_CREATE_MODE, dir_fd=pfd)
+            os.mkdir(name, create_mode, dir_fd=pfd)
         except FileExistsError:
             st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
             if stat.S_ISDIR(st.st_mode):
                 created = False  # both directories: merge, the later metadata wins
             else:
                 self._remove(pfd, name, key, st)
-                os.mkdir(name, _DIR_CREATE_MODE, dir_fd=pfd)
+                os.mkdir(name, create_mode, dir_fd=pfd)
         self.dirs[key] = meta
+        if created and born:
+            self.born_dirs.add(key)
+        else:  # made earlier, with what an earlier entry (or none) said
+            self.born_dirs.discard(key)
         fd = self._dir_fd(parts, create=False)
         if created:
             self._new_dir(pfd, name, key, fd)
@@ -786,16 +801,47 @@ class _Unpacker:
     # --- the end ------------------------------------------------------------------------
 
     def _finish(self) -> None:
-        """Directories' owner, mode and mtime last, deepest first, so read-only directories
-        and directory mtimes survive their children's creation; the root entry last."""
-        for key in sorted(self.dirs, key=lambda k: k.count("/"), reverse=True):
+        """Directories' owner, mode and mtime last, each after everything below it, so
+        read-only directories and directory mtimes survive their children's creation; the
+        root entry last.
+
+        self.dirs holds every directory after its parent (a directory is recorded when it
+        is made, and its parent exists, recorded, by then; a removed subtree leaves the
+        dict with it), so its reverse order visits children first. It also keeps a
+        subtree together, so the parent descriptors stay in the cache."""
+        for key in reversed(self.dirs):
+            meta = self.dirs[key]
+            mtime = meta.mtime_ns
+            if key in self.born_dirs:
+                if mtime is None:
+                    continue  # an implicit parent made as it should end: nothing to set
+                self._evict()
+                self.current = key
+                parent, _, name = key.rpartition("/")
+                pfd = self._dir_fd(parent.split("/") if parent else [], create=False)
+                # Through the parent: one syscall, where opening the directory is three.
+                os.utime(name, ns=(mtime, mtime), dir_fd=pfd, follow_symlinks=False)
+                continue
             self._evict()
             self.current = key
-            self._apply_dir_meta(self._dir_fd(key.split("/"), create=False), self.dirs[key])
+            self._apply_dir_meta(self._dir_fd(key.split("/"), create=False), meta)
         if self.root_meta is not None:
             self.current = "."
             self._apply_dir_meta(self.root_fd, self.root_meta)
         self.current = ""
+
+    def _born_dir(self, meta: _Meta) -> bool:
+        """Whether mkdir can give a directory its final owner and mode at once: owner
+        rwx (children still go in), no setuid/setgid/sticky bit, nothing the umask takes
+        away, and the owner a new directory gets anyway."""
+        umask = self.born_umask
+        mode = meta.mode
+        return (
+            umask is not None
+            and mode & 0o7700 == 0o700
+            and not mode & umask
+            and (not self.options.same_owner or (meta.uid, meta.gid) == self.born_owner)
+        )
 
     def _apply_dir_meta(self, fd: int, meta: _Meta) -> None:
         if self.options.same_owner:

@@ -877,6 +877,47 @@ def test_dir_mtime_survives_children(env: Env) -> None:
     assert os.stat(env.dest / "m/sub").st_mtime_ns == 1000 * 10**9
 
 
+def test_directory_modes_owners_and_times_whether_mkdir_sets_them_or_the_end(env: Env) -> None:
+    # A directory whose final mode and owner mkdir can give is made so and only gets its
+    # mtime at the end; the others are made 0700 and fixed at the end. Both must end alike.
+    members = [
+        D("plain", 0o755, mtime=11),
+        D("sticky", 0o1777, mtime=12),
+        D("setgid", 0o2755, mtime=13),
+        F("setgid/f", b"f"),
+        D("group", 0o775, mtime=14),  # a 022 umask would take g+w away
+        D("owned", 0o755, uid=1000, gid=1001, mtime=15),
+        F("implicit/then/file", b"x"),  # two implicit parents, then their own entries
+        D("implicit", 0o750, mtime=16),
+        D("implicit/then", 0o700, mtime=17),
+        F("auto/x", b"x"),  # an implicit parent that never gets an entry
+        D("twice", 0o755, mtime=18),
+        D("twice", 0o711, mtime=19),
+    ]
+    env.unpack(build(members))
+    expected = {
+        "plain": (0o755, 11, 0),
+        "sticky": (0o1777, 12, 0),
+        "setgid": (0o2755, 13, 0),
+        "group": (0o775, 14, 0),
+        "owned": (0o755, 15, 1000),
+        "implicit": (0o750, 16, 0),
+        "implicit/then": (0o700, 17, 0),
+        "twice": (0o711, 19, 0),
+    }
+    found = {}
+    for name in expected:
+        st = os.lstat(env.dest / name)
+        found[name] = (stat.S_IMODE(st.st_mode), st.st_mtime_ns // 10**9, st.st_uid)
+    if not ROOT:  # owners are not ours to set
+        expected = {k: (m, t, os.geteuid()) for k, (m, t, _) in expected.items()}
+    assert found == expected
+    assert stat.S_IMODE(os.lstat(env.dest / "auto").st_mode) == 0o755
+    if ROOT:
+        assert os.lstat(env.dest / "owned").st_gid == 1001
+    assert (env.dest / "setgid/f").read_bytes() == b"f"
+
+
 def test_read_only_dirs_with_children(env: Env) -> None:
     env.unpack(
         build(
