@@ -25,6 +25,7 @@ from collections.abc import Iterator, Sequence
 from typing import BinaryIO, NamedTuple
 
 from ocistore.errors import PathNotFoundError, StorageError
+from ocistore.fsutil import creation_defaults
 from ocistore.whiteouts import WhiteoutFormat
 
 __all__ = [
@@ -451,6 +452,9 @@ class _Materializer:
         self.reflink = reflink
         self.copy_range = True
         self.same_owner = same_owner
+        # Entries whose final mode and owner are what creating them gives need no fchown
+        # or fchmod (see fsutil.CreationDefaults); directories must also stay writable.
+        self.defaults = creation_defaults(root_fd, same_owner)
         self.devices = os.geteuid() == 0
         # (layer, st_dev, st_ino) of a multiply-linked source -> its first copy (from root).
         self.links: dict[tuple[int, int, int], bytes] = {}
@@ -461,35 +465,36 @@ class _Materializer:
         root = tree._root()
         try:
             self._copy_xattrs(root.source, self.root_fd)
-            # (relative path, descriptor, entry, children still to make)
-            stack: list[tuple[bytes, int, _Child, Iterator[_Child]]] = [
-                (b"", self.root_fd, root, iter(tree._list(root.dirs, root=True)))
+            # (relative path, descriptor, entry, children still to make, made with its
+            # final owner and mode)
+            stack: list[tuple[bytes, int, _Child, Iterator[_Child], bool]] = [
+                (b"", self.root_fd, root, iter(tree._list(root.dirs, root=True)), False)
             ]
             try:
                 while stack:
-                    rel, dfd, parent, children = stack[-1]
+                    rel, dfd, parent, children, born = stack[-1]
                     child = next(children, None)
                     if child is None:
                         stack.pop()
                         self.current = rel
-                        self._dir_meta(dfd, parent.stat())
+                        self._dir_meta(dfd, parent.stat(), born)
                         if dfd != self.root_fd:
                             os.close(dfd)
                         continue
                     crel = rel + b"/" + child.name if rel else child.name
                     self.current = crel
                     if child.is_dir:
-                        fd = self._mkdir(dfd, child)
+                        fd, born = self._mkdir(dfd, child)
                         try:
                             listing = iter(tree._list(child.dirs))
                         except BaseException:
                             os.close(fd)
                             raise
-                        stack.append((crel, fd, child, listing))
+                        stack.append((crel, fd, child, listing, born))
                     else:
                         self._non_dir(dfd, child, crel)
             finally:
-                for _, fd, _, _ in stack:
+                for _, fd, _, _, _ in stack:
                     if fd != self.root_fd:
                         os.close(fd)
         except OSError as exc:
@@ -498,21 +503,28 @@ class _Materializer:
                 f"cannot materialize {where!r} into {self.dest}: {exc.strerror or exc}"
             ) from exc
 
-    def _mkdir(self, dfd: int, child: _Child) -> int:
+    def _mkdir(self, dfd: int, child: _Child) -> tuple[int, bool]:
+        """Make the directory; returns its descriptor and whether it already has its final
+        owner and mode (else it is 0700 until _dir_meta)."""
         name = child.name
-        os.mkdir(name, _DIR_CREATE_MODE, dir_fd=dfd)
+        st = child.stat()
+        mode = stat.S_IMODE(st.st_mode)
+        defaults = self.defaults
+        born = defaults is not None and defaults.gives_dir(mode, st.st_uid, st.st_gid)
+        os.mkdir(name, mode if born else _DIR_CREATE_MODE, dir_fd=dfd)
         fd = os.open(name, _OPEN_DIR, dir_fd=dfd)
         try:
             self._copy_xattrs(child.source, fd)
         except BaseException:
             os.close(fd)
             raise
-        return fd
+        return fd, born
 
-    def _dir_meta(self, fd: int, st: os.stat_result) -> None:
-        if self.same_owner:
-            os.fchown(fd, st.st_uid, st.st_gid)
-        os.fchmod(fd, stat.S_IMODE(st.st_mode))
+    def _dir_meta(self, fd: int, st: os.stat_result, born: bool = False) -> None:
+        if not born:
+            if self.same_owner:
+                os.fchown(fd, st.st_uid, st.st_gid)
+            os.fchmod(fd, stat.S_IMODE(st.st_mode))
         os.utime(fd, ns=(st.st_mtime_ns, st.st_mtime_ns))
 
     def _non_dir(self, dfd: int, child: _Child, rel: bytes) -> None:
@@ -559,15 +571,19 @@ class _Materializer:
         return True
 
     def _file(self, dfd: int, child: _Child, st: os.stat_result) -> None:
+        mode = stat.S_IMODE(st.st_mode)
+        defaults = self.defaults
+        born = defaults is not None and defaults.gives_file(mode, st.st_uid, st.st_gid)
         src = os.open(child.source, _OPEN_SOURCE)
         try:
-            out = os.open(child.name, _CREATE_FILE, 0o600, dir_fd=dfd)
+            out = os.open(child.name, _CREATE_FILE, mode if born else 0o600, dir_fd=dfd)
             try:
                 if st.st_size:
                     self._copy_data(src, out, st)
-                if self.same_owner:
-                    os.fchown(out, st.st_uid, st.st_gid)  # before chmod: chown clears setuid
-                os.fchmod(out, stat.S_IMODE(st.st_mode))
+                if not born:
+                    if self.same_owner:
+                        os.fchown(out, st.st_uid, st.st_gid)  # before chmod: chown clears setuid
+                    os.fchmod(out, mode)
                 self._copy_xattrs(src, out)  # after chown, which drops security.capability
                 os.utime(out, ns=(st.st_mtime_ns, st.st_mtime_ns))
             finally:

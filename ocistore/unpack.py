@@ -28,6 +28,7 @@ from typing import Protocol, TypeVar
 
 from ocistore import tarreader as tr
 from ocistore.errors import LayerFormatError, OcistoreError, StorageError, UnsafeLayerError
+from ocistore.fsutil import creation_defaults
 from ocistore.whiteouts import OPAQUE_XATTR, UnpackOptions, WhiteoutFormat, probe_whiteout_format
 
 __all__ = [
@@ -198,37 +199,6 @@ def _meta(member: tr.TarEntry) -> _Meta:
     return _Meta(uid, gid, member.mode & 0o7777, _mtime_ns(member))
 
 
-def _umask() -> int | None:
-    """The process umask, read without changing it (``os.umask`` sets it, for every
-    thread at once); None where the kernel does not say (Linux < 4.7)."""
-    try:
-        with open("/proc/self/status", "rb") as f:
-            for line in f:
-                if line.startswith(b"Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def _born_as(root_fd: int, options: UnpackOptions) -> tuple[int | None, int, int] | None:
-    """What a file created below ``root_fd`` gets without asking: (uid, gid) or None when
-    ownership is not ours to set, and the umask; None when that cannot be known (a setgid
-    or default-ACL directory decides for itself)."""
-    umask = _umask()
-    if umask is None:
-        return None
-    try:
-        st = os.fstat(root_fd)
-        if st.st_mode & stat.S_ISGID or "system.posix_acl_default" in os.listxattr(root_fd):
-            return None
-    except OSError:
-        return None
-    if options.same_owner:
-        return os.geteuid(), os.getegid(), umask
-    return None, 0, umask
-
-
 class _Unpacker:
     def __init__(self, dest: str, options: UnpackOptions) -> None:
         self.options = options
@@ -240,9 +210,7 @@ class _Unpacker:
             raise StorageError(f"cannot open layer directory {dest}: {exc}") from exc
         # A file whose owner and mode are what it is born with needs no fchown or fchmod:
         # two syscalls of six for the common file (root:root, 0644 or 0755).
-        born = _born_as(self.root_fd, options)
-        self.born_owner = born[:2] if born is not None and born[0] is not None else None
-        self.born_umask = born[2] if born is not None else None
+        self.defaults = creation_defaults(self.root_fd, options.same_owner)
         # relative dir path ("a/b") -> open descriptor; never holds the root.
         self.cache: dict[str, int] = {}
         # directories whose owner/mode/mtime are applied at the end, deepest first.
@@ -515,12 +483,8 @@ class _Unpacker:
         name = parts[-1]
         pfd = self._dir_fd(parts[:-1])
         mode = meta.mode
-        umask = self.born_umask
-        born = (
-            umask is not None
-            and not (mode & 0o7000 or mode & umask)
-            and (not self.options.same_owner or (meta.uid, meta.gid) == self.born_owner)
-        )
+        defaults = self.defaults
+        born = defaults is not None and defaults.gives_file(mode, meta.uid, meta.gid)
         create_mode = mode if born else 0o600
         try:
             fd = os.open(name, _CREATE_FILE, create_mode, dir_fd=pfd)
@@ -831,17 +795,9 @@ class _Unpacker:
         self.current = ""
 
     def _born_dir(self, meta: _Meta) -> bool:
-        """Whether mkdir can give a directory its final owner and mode at once: owner
-        rwx (children still go in), no setuid/setgid/sticky bit, nothing the umask takes
-        away, and the owner a new directory gets anyway."""
-        umask = self.born_umask
-        mode = meta.mode
-        return (
-            umask is not None
-            and mode & 0o7700 == 0o700
-            and not mode & umask
-            and (not self.options.same_owner or (meta.uid, meta.gid) == self.born_owner)
-        )
+        """Whether mkdir can give a directory its final owner and mode at once."""
+        defaults = self.defaults
+        return defaults is not None and defaults.gives_dir(meta.mode, meta.uid, meta.gid)
 
     def _apply_dir_meta(self, fd: int, meta: _Meta) -> None:
         if self.options.same_owner:

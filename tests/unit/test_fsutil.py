@@ -48,3 +48,34 @@ def test_atomic_write_temp_names_do_not_collide(
     assert leftover.read_bytes() == b"someone else's"
     assert (tmp_path / "f").read_bytes() == b"data"
     assert sorted(os.listdir(tmp_path)) == [".tmp-" + "00" * 8, "f"]
+
+
+def test_creation_defaults_say_when_create_gives_the_final_mode_and_owner(
+    tmp_path: Path,
+) -> None:
+    from ocistore.fsutil import CreationDefaults, creation_defaults
+
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        old = os.umask(0o022)
+        try:
+            found = creation_defaults(fd, same_owner=True)
+        finally:
+            os.umask(old)
+        assert found == CreationDefaults((os.geteuid(), os.getegid()), 0o022)
+        assert creation_defaults(fd, same_owner=False) is not None
+        os.chmod(tmp_path, 0o2755)  # a setgid directory gives its own group: unknown
+        assert creation_defaults(fd, same_owner=True) is None
+    finally:
+        os.close(fd)
+
+    me = CreationDefaults((0, 0), 0o022)
+    assert me.gives_file(0o644, 0, 0) and me.gives_file(0o400, 0, 0)
+    assert not me.gives_file(0o664, 0, 0)  # the umask takes g+w
+    assert not me.gives_file(0o4755, 0, 0)  # setuid goes on after the chown
+    assert not me.gives_file(0o644, 1000, 0)
+    assert me.gives_dir(0o755, 0, 0) and me.gives_dir(0o700, 0, 0)
+    assert not me.gives_dir(0o555, 0, 0)  # children still have to go in
+    assert not me.gives_dir(0o1777, 0, 0)
+    anyone = CreationDefaults(None, 0)  # owners not kept
+    assert anyone.gives_file(0o664, 1000, 1000) and anyone.gives_dir(0o775, 5, 5)
