@@ -157,3 +157,29 @@ def test_pull_defines_its_records_without_dataclasses(tmp_path: Path) -> None:
     # dataclasses costs ~9 ms to import (inspect, ast, dis) and ~1 ms per class it
     # builds; the 14 records on the pull path are NamedTuples (about 20 ms per pull).
     assert not modules & {"dataclasses", "inspect"}
+
+
+_GC_PROBE = """
+import gc, sys
+from ocistore import cli
+states = []
+open_store, list_images = cli._store, cli._images
+cli._store = lambda args: (states.append(gc.isenabled()), open_store(args))[1]
+cli._images = lambda store, args: (states.append(gc.isenabled()), list_images(store, args))[1]
+sys.argv = ["ocistore", "--root", sys.argv[1], "images"]
+try:
+    cli.run()
+except SystemExit as exc:
+    print(states, exc.code, gc.isenabled())
+"""
+
+
+def test_console_script_collects_no_garbage_during_start_up_only(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", _GC_PROBE, str(tmp_path / "store")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    # Off while the store and the command's modules load, back on for the command.
+    assert out.strip().endswith("[False, True] 0 True"), out
