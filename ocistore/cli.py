@@ -555,7 +555,11 @@ def run() -> None:
 
     gc.disable()
     _gc_paused = True
-    sys.exit(main())
+    try:
+        code = main()
+    finally:
+        _resume_gc()  # also where no command ran (--version, a usage error)
+    sys.exit(code)
 
 
 def _resume_gc() -> None:

@@ -117,13 +117,17 @@ class CreationDefaults(NamedTuple):
         )
 
     def gives_dir(self, mode: int, uid: int, gid: int) -> bool:
-        """As gives_file, for a directory that must also take its children: owner rwx."""
-        return mode & 0o700 == 0o700 and self.gives_file(mode, uid, gid)
+        """As gives_file, for a directory that must also take its children (owner rwx)
+        and that nobody else may write into while it does (no group or other w: such a
+        directory stays 0700 until its children are in)."""
+        return mode & 0o722 == 0o700 and self.gives_file(mode, uid, gid)
 
 
 def creation_defaults(dir_fd: int, same_owner: bool) -> CreationDefaults | None:
     """The CreationDefaults below ``dir_fd``; None when they cannot be known: no umask in
-    /proc (Linux < 4.7), or a setgid or default-ACL directory that decides for itself."""
+    /proc (Linux < 4.7), a setgid or default-ACL directory that decides for itself, or
+    (keeping owners) a directory not owned by euid:egid -- a file system that maps or
+    picks owners itself (NFS root_squash, a grpid mount), where only fchown is sure."""
     umask = _umask()
     if umask is None:
         return None
@@ -132,6 +136,8 @@ def creation_defaults(dir_fd: int, same_owner: bool) -> CreationDefaults | None:
         if st.st_mode & stat.S_ISGID or "system.posix_acl_default" in os.listxattr(dir_fd):
             return None
     except OSError:
+        return None
+    if same_owner and (st.st_uid, st.st_gid) != (os.geteuid(), os.getegid()):
         return None
     return CreationDefaults((os.geteuid(), os.getegid()) if same_owner else None, umask)
 

@@ -771,8 +771,8 @@ class _Unpacker:
 
         self.dirs holds every directory after its parent (a directory is recorded when it
         is made, and its parent exists, recorded, by then; a removed subtree leaves the
-        dict with it), so its reverse order visits children first. It also keeps a
-        subtree together, so the parent descriptors stay in the cache."""
+        dict with it), so its reverse order visits children first, and mostly a subtree's
+        directories one after another, which keeps their parents' descriptors cached."""
         for key in reversed(self.dirs):
             meta = self.dirs[key]
             mtime = meta.mtime_ns

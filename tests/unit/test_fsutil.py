@@ -64,6 +64,11 @@ def test_creation_defaults_say_when_create_gives_the_final_mode_and_owner(
             os.umask(old)
         assert found == CreationDefaults((os.geteuid(), os.getegid()), 0o022)
         assert creation_defaults(fd, same_owner=False) is not None
+        if os.geteuid() == 0:  # a directory whose owner new files might not get
+            os.chown(tmp_path, 0, os.getegid() + 1)
+            assert creation_defaults(fd, same_owner=True) is None
+            assert creation_defaults(fd, same_owner=False) is not None
+            os.chown(tmp_path, 0, os.getegid())
         os.chmod(tmp_path, 0o2755)  # a setgid directory gives its own group: unknown
         assert creation_defaults(fd, same_owner=True) is None
     finally:
@@ -78,4 +83,6 @@ def test_creation_defaults_say_when_create_gives_the_final_mode_and_owner(
     assert not me.gives_dir(0o555, 0, 0)  # children still have to go in
     assert not me.gives_dir(0o1777, 0, 0)
     anyone = CreationDefaults(None, 0)  # owners not kept
-    assert anyone.gives_file(0o664, 1000, 1000) and anyone.gives_dir(0o775, 5, 5)
+    assert anyone.gives_file(0o664, 1000, 1000) and anyone.gives_dir(0o755, 5, 5)
+    # Nobody else writes into a directory while its children are made: 0700 till then.
+    assert not anyone.gives_dir(0o775, 5, 5) and not anyone.gives_dir(0o757, 5, 5)
