@@ -520,7 +520,7 @@ class _Materializer:
             raise
         return fd, born
 
-    def _dir_meta(self, fd: int, st: os.stat_result, born: bool = False) -> None:
+    def _dir_meta(self, fd: int, st: os.stat_result, born: bool) -> None:
         if not born:
             if self.same_owner:
                 os.fchown(fd, st.st_uid, st.st_gid)

@@ -189,6 +189,12 @@ def _mtime_ns(member: tr.TarEntry) -> int:
     return int(seconds * _NS)
 
 
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
 def _meta(member: tr.TarEntry) -> _Meta:
     uid, gid = member.uid, member.gid
     if not (0 <= uid <= _MAX_ID and 0 <= gid <= _MAX_ID):
@@ -213,7 +219,7 @@ class _Unpacker:
         self.defaults = creation_defaults(self.root_fd, options.same_owner)
         # relative dir path ("a/b") -> open descriptor; never holds the root.
         self.cache: dict[str, int] = {}
-        # directories whose owner/mode/mtime are applied at the end, deepest first.
+        # directories whose owner/mode/mtime are applied at the end, children first.
         self.dirs: dict[str, _Meta] = {}
         # directories of self.dirs made with their final owner and mode: _finish only
         # sets their mtime (a directory with children needs u+rwx, so one whose final
@@ -494,10 +500,7 @@ class _Unpacker:
         try:
             size = member.size
             if 0 < size <= CHUNK_SIZE and member.sparse is None:
-                # Most files: one read, one write; _copy handles the rest.
-                view = memoryview(tar.read_exact(size))
-                while view:
-                    view = view[os.write(fd, view) :]
+                _write_all(fd, tar.read_exact(size))  # most files; _copy does the rest
             elif size or member.sparse is not None:
                 self._copy(tar, member, fd)
             if not born:
@@ -530,10 +533,7 @@ class _Unpacker:
                 os.lseek(fd, offset, os.SEEK_SET)  # holes stay holes
             while length > 0:
                 want = min(length, CHUNK_SIZE)
-                data = tar.read_exact(want)
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
+                _write_all(fd, tar.read_exact(want))
                 length -= want
         if sparse is not None:
             os.ftruncate(fd, member.size)
@@ -776,19 +776,18 @@ class _Unpacker:
         for key in reversed(self.dirs):
             meta = self.dirs[key]
             mtime = meta.mtime_ns
-            if key in self.born_dirs:
-                if mtime is None:
-                    continue  # an implicit parent made as it should end: nothing to set
-                self._evict()
-                self.current = key
+            born = key in self.born_dirs
+            if born and mtime is None:
+                continue  # an implicit parent made as it should end: nothing to set
+            self._evict()
+            self.current = key
+            if born and mtime is not None:
                 parent, _, name = key.rpartition("/")
                 pfd = self._dir_fd(parent.split("/") if parent else [], create=False)
                 # Through the parent: one syscall, where opening the directory is three.
                 os.utime(name, ns=(mtime, mtime), dir_fd=pfd, follow_symlinks=False)
-                continue
-            self._evict()
-            self.current = key
-            self._apply_dir_meta(self._dir_fd(key.split("/"), create=False), meta)
+            else:
+                self._apply_dir_meta(self._dir_fd(key.split("/"), create=False), meta)
         if self.root_meta is not None:
             self.current = "."
             self._apply_dir_meta(self.root_fd, self.root_meta)
