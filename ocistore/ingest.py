@@ -128,8 +128,9 @@ class _Prefetch:
 
     _DEPTH = 8  # chunks of up to 1 MiB in flight
 
-    def __init__(self, source: _Readable) -> None:
+    def __init__(self, source: _Readable, on_take: Callable[[int], None] | None = None) -> None:
         self._source = source
+        self._on_take = on_take  # called by the reader with each chunk's size
         self._queue: queue.Queue[bytes | BaseException] = queue.Queue(self._DEPTH)
         self._stop = threading.Event()
         self._data = b""  # the chunk being served, from _off on
@@ -168,6 +169,8 @@ class _Prefetch:
                 self._done = True
                 return b""
             self._data, self._off = item, 0
+            if self._on_take is not None:
+                self._on_take(len(item))
         return _serve(self, n)
 
     def close(self) -> None:
@@ -182,24 +185,31 @@ class _Prefetch:
 class _Writeback:
     """Flushes a layer directory to disk while it is still being unpacked: each time
     another ``EVERY`` bytes went by, a helper thread calls syncfs. The syncfs that makes the
-    finished layer durable (LayerDirs.reserve_name) then has only the tail left to write,
-    instead of the whole layer after the last byte."""
+    finished layer durable (LayerDirs.make_durable) then has only the tail left to write,
+    instead of the whole layer after the last byte. Near the end of the blob the step is
+    shorter, so that tail is a few MiB whatever the layer's size."""
 
     EVERY = 32 << 20
+    EVERY_NEAR_END = 8 << 20
+    NEAR_END = 0.85  # of the compressed blob read
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, fraction_read: Callable[[], float]) -> None:
         self._path = path
+        self._fraction_read = fraction_read
         self._due = threading.Event()
         self._stopping = False
         self._seen = 0
-        self._next = self.EVERY
+        self._last = 0
         self._thread = threading.Thread(target=self._run, name="ocistore-writeback", daemon=True)
         self._thread.start()
 
     def note(self, nbytes: int) -> None:
         self._seen += nbytes
-        if self._seen >= self._next:
-            self._next = self._seen + self.EVERY
+        since = self._seen - self._last
+        if since >= self.EVERY or (
+            since >= self.EVERY_NEAR_END and self._fraction_read() >= self.NEAR_END
+        ):
+            self._last = self._seen
             self._due.set()
 
     def _run(self) -> None:
@@ -208,7 +218,7 @@ class _Writeback:
             if self._stopping:
                 return
             self._due.clear()
-            with contextlib.suppress(OSError):  # only a head start: reserve_name decides
+            with contextlib.suppress(OSError):  # only a head start: make_durable decides
                 syncfs(self._path)
 
     def stop(self) -> None:
@@ -220,9 +230,8 @@ class _Writeback:
 class _Hashing:
     """Hashes what passes through, in big chunks, while serving the tar reader's small reads."""
 
-    def __init__(self, source: _Readable, on_chunk: Callable[[int], None] | None = None) -> None:
+    def __init__(self, source: _Readable) -> None:
         self._source = source
-        self._on_chunk = on_chunk
         self._hash = hashlib.sha256()
         self._data = b""  # the chunk being served, from _off on
         self._off = 0
@@ -233,8 +242,6 @@ class _Hashing:
             data = self._source.read(_CHUNK)
             if data:
                 self._hash.update(data)
-                if self._on_chunk is not None:
-                    self._on_chunk(len(data))
             else:
                 self._eof = True
             self._data, self._off = data, 0
@@ -544,11 +551,13 @@ class LayerIngester:
             already_written=blob.written if blob else 0,
         )
         temp = store.layer_dirs.new_temp() if unpack else None
-        writeback = _Writeback(temp) if temp is not None else None
-        uncompressed = _Hashing(
-            decompressing_reader(tee, compression), writeback.note if writeback else None
+        writeback = (
+            _Writeback(temp, lambda: tee.count / max(desc.size, 1)) if temp is not None else None
         )
-        ahead = _Prefetch(uncompressed)
+        uncompressed = _Hashing(decompressing_reader(tee, compression))
+        # Written bytes are counted as the unpacker takes them, not as they are inflated:
+        # the inflate thread runs up to _DEPTH MiB ahead of what is on disk.
+        ahead = _Prefetch(uncompressed, writeback.note if writeback else None)
         try:
             try:
                 try:
@@ -580,6 +589,10 @@ class LayerIngester:
                     f"says its diffID is {diff_id}",
                     digest=str(desc.digest),
                 )
+            if temp is not None and result is not None:
+                # First: this syncfs also writes the blob's bytes when ingest/ is on the
+                # same filesystem, so the blob's own fsync in commit() finds little to do.
+                store.layer_dirs.make_durable(temp)
             if blob is not None:
                 blob.commit()
             if temp is not None and result is not None:
@@ -602,7 +615,7 @@ class LayerIngester:
         a complete directory that no row names, which nothing can tell from damage.
         """
         store = self.store
-        name = store.layer_dirs.reserve_name(temp)  # durable before anything names it
+        name = store.layer_dirs.reserve_name()
         store.metadata.add_layer(
             LayerRecord(
                 diff_id=str(diff_id),

@@ -31,11 +31,14 @@ class LayerDirs:
         os.mkdir(path, 0o755)
         return path
 
-    def reserve_name(self, temp: str) -> str:
-        """Make a finished temp directory durable and pick the random name it will get.
-
-        The caller records the name, then ``install``s: see ingest's publishing order."""
+    def make_durable(self, temp: str) -> None:
+        """Write a finished temp directory's whole tree to disk (one syncfs, not an fsync
+        per file); before anything names it."""
         syncfs(temp)
+
+    def reserve_name(self) -> str:
+        """The random name a durable temp directory will get: the caller records it, then
+        ``install``s (see ingest's publishing order)."""
         while True:
             name = os.urandom(13).hex()  # what secrets.token_hex(13) is, without its imports
             if not os.path.lexists(self.path(name)):
