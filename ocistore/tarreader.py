@@ -218,33 +218,30 @@ class TarReader:
 
     # --- bytes ------------------------------------------------------------------------
 
-    def _fill(self, want: int) -> bool:
-        """Make at least ``want`` bytes available at ``_pos``; False at the end."""
-        have = len(self._buf) - self._pos
-        if have >= want:
-            return True
-        # No empty leftover in the list: join() returns a lone chunk as it is, but copies
-        # [b"", chunk] -- a megabyte copied at every chunk boundary a header falls on.
-        parts = [self._buf[self._pos :]] if have else []
-        while have < want:
-            data = self._source.read(max(READ_SIZE, want - have))
-            if not data:
-                self._buf = b"".join(parts)
-                self._pos = 0
-                return False
-            parts.append(data)
-            have += len(data)
-        self._buf = b"".join(parts)
-        self._pos = 0
-        return True
-
     def _take(self, n: int) -> bytes:
         """Exactly ``n`` bytes, or fewer at the end of the stream."""
-        if len(self._buf) - self._pos < n:
-            self._fill(n)
-        out = self._buf[self._pos : self._pos + n]
-        self._pos += len(out)
-        return out
+        buf, pos = self._buf, self._pos
+        if len(buf) - pos >= n:
+            self._pos = pos + n
+            return buf[pos : pos + n]
+        # Across a chunk boundary, join only the bytes asked for: joining the leftover
+        # with the whole next chunk copied a megabyte at most boundaries (inflated chunks
+        # do not end on 512-byte blocks, so a header often straddles one).
+        parts = [buf[pos:]]
+        got = len(buf) - pos
+        self._buf, self._pos = b"", 0
+        while got < n:
+            data = self._source.read(max(READ_SIZE, n - got))
+            if not data:
+                break
+            need = n - got
+            if len(data) > need:
+                parts.append(data[:need])
+                self._buf, self._pos = data, need
+                break
+            parts.append(data)
+            got += len(data)
+        return b"".join(parts)
 
     def _discard(self, n: int) -> bool:
         while n > 0:

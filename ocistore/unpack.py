@@ -195,6 +195,15 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
+def _write_data(tar: tr.TarReader, fd: int, length: int) -> None:
+    """Write the member's next ``length`` bytes as the stream holds them: a file that
+    spans two chunks is two writes, not a copy joining them."""
+    while length > 0:
+        data = tar.read(min(length, CHUNK_SIZE))  # raises at a truncated member
+        _write_all(fd, data)
+        length -= len(data)
+
+
 def _meta(member: tr.TarEntry) -> _Meta:
     uid, gid = member.uid, member.gid
     if not (0 <= uid <= _MAX_ID and 0 <= gid <= _MAX_ID):
@@ -500,7 +509,7 @@ class _Unpacker:
         try:
             size = member.size
             if 0 < size <= CHUNK_SIZE and member.sparse is None:
-                _write_all(fd, tar.read_exact(size))  # most files; _copy does the rest
+                _write_data(tar, fd, size)  # most files; _copy does the rest
             elif size or member.sparse is not None:
                 self._copy(tar, member, fd)
             if not born:
@@ -531,10 +540,7 @@ class _Unpacker:
             end = offset + length
             if sparse is not None:
                 os.lseek(fd, offset, os.SEEK_SET)  # holes stay holes
-            while length > 0:
-                want = min(length, CHUNK_SIZE)
-                _write_all(fd, tar.read_exact(want))
-                length -= want
+            _write_data(tar, fd, length)
         if sparse is not None:
             os.ftruncate(fd, member.size)
 

@@ -1223,3 +1223,33 @@ def test_number_fields_and_checksums_agree_with_tarfile() -> None:
             header[148:156] = b"%06o\x00 " % rng.choice((unsigned, signed))
         buf = bytes(header)
         assert _outcome(tarreader._checksum_ok, buf) == _outcome(_tarfile_checksum_ok, buf)
+
+
+class Chunks:
+    """Hands out the given chunks, one per read, as the inflate thread does."""
+
+    def __init__(self, chunks: list[bytes]) -> None:
+        self.chunks = chunks
+        self._next = 0
+
+    def read(self, n: int = -1, /) -> bytes:
+        if self._next == len(self.chunks):
+            return b""
+        self._next += 1
+        return self.chunks[self._next - 1]
+
+
+def test_header_across_chunks_keeps_the_next_chunk_uncopied() -> None:
+    """A header split between two chunks is joined from its own 512 bytes; the rest of
+    the next chunk is read in place, not copied into a new buffer with the leftover."""
+    data = build([F("a", b"x" * 1000), F("b", b"y" * 300_000)], tarfile.USTAR_FORMAT)
+    cut = 512 + 1024 + 200  # 200 bytes into b's header
+    second = data[cut:]
+    reader = TarReader(Chunks([data[:cut], second]))
+    first = reader.next()
+    assert first is not None and first.name == "a"
+    entry = reader.next()
+    assert entry is not None and entry.name == "b" and entry.size == 300_000
+    assert reader._buf is second  # the chunk itself: no megabyte join per boundary
+    assert reader.read_exact(300_000) == b"y" * 300_000
+    assert reader.next() is None
