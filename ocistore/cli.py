@@ -313,6 +313,9 @@ def _dispatch(args: argparse.Namespace) -> int:
     store = _store(args)
     if args.command == "pull":
         _check_pull_args(args)  # a usage error first, before the store is created
+        from ocistore.descriptors import prepare_for_unpacking
+
+        prepare_for_unpacking()  # before the first thread starts
         _open_while_importing(store)
     _resume_gc()
     try:

@@ -27,6 +27,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Protocol, TypeVar
 
 from ocistore import tarreader as tr
+from ocistore.descriptors import open_file_limit
 from ocistore.errors import LayerFormatError, OcistoreError, StorageError, UnsafeLayerError
 from ocistore.fsutil import creation_defaults
 from ocistore.whiteouts import OPAQUE_XATTR, UnpackOptions, WhiteoutFormat, probe_whiteout_format
@@ -45,7 +46,10 @@ _T = TypeVar("_T")
 #: Regular file data is copied in chunks of this size, so memory stays bounded.
 CHUNK_SIZE = 1 << 20
 #: Cached parent-directory descriptors; all are closed once there are more than this.
+#: Fewer under a low descriptor limit: a sixteenth of it, so that several unpacks and
+#: the rest of a pull fit (a soft limit of 200 used to fail the Debian layer with EMFILE).
 _DIR_FD_CACHE_MAX = 256
+_DIR_FD_CACHE_MIN = 8
 #: Longest entry name (normalised, in bytes) we accept: Linux PATH_MAX.
 _MAX_PATH_BYTES = 4096
 #: Linux keeps 12 bits of major and 20 bits of minor device number.
@@ -228,6 +232,7 @@ class _Unpacker:
         self.defaults = creation_defaults(self.root_fd, options.same_owner)
         # relative dir path ("a/b") -> open descriptor; never holds the root.
         self.cache: dict[str, int] = {}
+        self.cache_max = max(_DIR_FD_CACHE_MIN, min(_DIR_FD_CACHE_MAX, open_file_limit() // 16))
         # directories whose owner/mode/mtime are applied at the end, children first.
         self.dirs: dict[str, _Meta] = {}
         # directories of self.dirs made with their final owner and mode: _finish only
@@ -322,7 +327,7 @@ class _Unpacker:
     # --- directory descriptors ----------------------------------------------------------
 
     def _evict(self) -> None:
-        if len(self.cache) > _DIR_FD_CACHE_MAX:
+        if len(self.cache) > self.cache_max:
             self._close_cache()
 
     def _close_cache(self) -> None:
@@ -360,7 +365,7 @@ class _Unpacker:
                 os.close(fd)
             fd = child
             owned = True
-            if i == n - 1 or len(self.cache) < _DIR_FD_CACHE_MAX:
+            if i == n - 1 or len(self.cache) < self.cache_max:
                 self.cache[prefix] = fd
                 owned = False
         return fd
