@@ -907,13 +907,13 @@ def test_lower_layer_symlink_escape_through_rootfs_export_cli_and_overlay(
         assert {k.rstrip("/") or "./": v for k, v in got.items()} == {
             k.rstrip("/") or "./": v for k, v in members.items()
         }
-        proc = subprocess.run(
+        export_proc = subprocess.run(
             _cli(hostile.store_root, "export", "-o", str(hostile.base / "export.tar"), ref),
             capture_output=True,
             env=env,
             timeout=60,
         )
-        assert proc.returncode == 0, proc.stderr
+        assert export_proc.returncode == 0, export_proc.stderr
         assert (hostile.base / "export.tar").read_bytes() == buf.getvalue()
         if ROOT_USER:
             # The kernel's overlayfs over the same layer directories agrees, and writing

@@ -68,8 +68,9 @@ def test_copy_export_and_umoci_agree(
     assert b"etc/rpc" not in ours  # whited out in layer 2
     assert b"usr/share/doc/netbase" not in ours  # a whited-out directory
     assert isinstance(ours[b"usr/share/cowsay/cows"], trees.Entry)  # dir -> file in layer 3
-    assert ours[b"usr/share/cowsay/cows"].kind == "file"  # type: ignore[union-attr]
-    assert ours[b"etc/protocols"].kind == "dir"  # type: ignore[union-attr]  # file -> dir
+    assert ours[b"usr/share/cowsay/cows"].kind == "file"
+    assert isinstance(ours[b"etc/protocols"], trees.Entry)
+    assert ours[b"etc/protocols"].kind == "dir"  # file -> dir
     doc = sorted(p for p in ours if p.startswith(b"usr/share/doc/busybox-static/"))
     assert doc == [b"usr/share/doc/busybox-static/README.opaque"]  # opaque in layer 4
     assert b"ocistore-test/hardlink-b" not in ours
@@ -253,9 +254,9 @@ def test_volumes_are_shared_and_survive_rm(
     finally:
         store.containers.rm(a.name, force=True)
         store.containers.rm(b.name, force=True)
-    assert (
-        Path(store.containers.volume_inspect("data")["mountpoint"], "hello").read_text() == "from a"
-    )  # type: ignore[arg-type]
+    mountpoint = store.containers.volume_inspect("data")["mountpoint"]
+    assert isinstance(mountpoint, str)
+    assert Path(mountpoint, "hello").read_text() == "from a"
     store.containers.volume_rm("data")
 
 

@@ -91,6 +91,12 @@ def calls_to(rsps: responses.RequestsMock, prefix: str) -> list[requests.Prepare
     return [c.request for c in rsps.calls if str(c.request.url).startswith(prefix)]
 
 
+def status_of(call: responses.Call) -> int:
+    # responses types Call.response loosely; a call that was answered records a requests.Response.
+    assert isinstance(call.response, requests.Response)
+    return call.response.status_code
+
+
 def digest_of(data: bytes) -> str:
     return str(Digest.of(data))
 
@@ -1194,5 +1200,5 @@ def test_token_service_503_is_retried_like_the_registry(
     fetched = client.get_manifest(Reference.parse("busybox:1.38.0"))
     assert fetched.data == busybox_musl_amd64.index
     assert len(sleeps.calls) == 1
-    statuses = [c.response.status_code for c in rsps.calls if c.request.url.startswith(token_url)]
+    statuses = [status_of(c) for c in rsps.calls if str(c.request.url).startswith(token_url)]
     assert statuses == [503, 200]

@@ -22,7 +22,7 @@ import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -131,14 +131,16 @@ def read_with_tarfile(data: bytes) -> Outcome:
             while (m := _next(tar, data)) is not None:
                 assert len(members) < _bound(data), "tarfile runs away"
                 info = _describe(m)
+                # typeshed says bytes; tarfile keeps the map as (offset, length) pairs.
+                sparse = cast("list[tuple[int, int]] | None", m.sparse)
                 if _has_data(m):
-                    if m.sparse is None:
+                    if sparse is None:
                         info["data"] = _read_all(tar, m)
-                    elif _expandable(m.sparse, m.size):
+                    elif _expandable(sparse, m.size):
                         # extractfile() expands the holes; keep the stored bytes, as
                         # TarReader hands them out.
                         full = _read_all(tar, m)
-                        info["data"] = b"".join(full[o : o + n] for o, n in m.sparse)
+                        info["data"] = b"".join(full[o : o + n] for o, n in sparse)
                 members.append(info)
             clean_end = data[tar.offset : tar.offset + BLOCK] == bytes(BLOCK)
     except Exception as exc:  # the oracle may fail any way it likes; it is compared below
@@ -152,7 +154,9 @@ def _next(tar: tarfile.TarFile, data: bytes) -> tarfile.TarInfo | None:
     size can promise 2**88 bytes. Past the end, it ends with this error."""
     fileobj = tar.fileobj
     assert fileobj is not None
-    if tar.firstmember is None and tar.offset - 1 >= len(data) and tar.offset > fileobj.tell():
+    # TarFile.firstmember is private (not in typeshed): the member read ahead, if any.
+    firstmember: tarfile.TarInfo | None = vars(tar)["firstmember"]
+    if firstmember is None and tar.offset - 1 >= len(data) and tar.offset > fileobj.tell():
         raise tarfile.ReadError("unexpected end of data")
     return tar.next()
 
@@ -766,7 +770,8 @@ def test_large_member_in_pieces_from_odd_chunks() -> None:
         reader = TarReader(Source(data, chunk))
         entry = reader.next()
         assert entry is not None and entry.size == len(big)
-        pieces, sizes = [], [1, 7, 511, 512, 513, 4096, 100_003]
+        pieces: list[bytes] = []
+        sizes = [1, 7, 511, 512, 513, 4096, 100_003]
         while piece := reader.read(sizes[len(pieces) % len(sizes)]):
             pieces.append(piece)
             if len(pieces) == 200:
