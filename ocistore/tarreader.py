@@ -281,6 +281,25 @@ class TarReader:
             )
         return out
 
+    def read_view(self, n: int) -> memoryview:
+        """``read`` without the copy: a view into the stream's chunk (it keeps the chunk
+        alive while it is referenced). The unpacker writes file data from it; slicing
+        bytes instead copied every file's data once more."""
+        n = min(n, self._data_left)
+        if n <= 0:
+            return memoryview(b"")
+        buf, pos = self._buf, self._pos
+        if pos >= len(buf):
+            buf, pos = self._source.read(max(min(n, 64 * READ_SIZE), READ_SIZE)), 0
+            if not buf:
+                raise LayerFormatError(
+                    f"layer tar is truncated in the data of {_printable(self._current)!r}"
+                )
+        end = min(pos + n, len(buf))
+        self._buf, self._pos = buf, end
+        self._data_left -= end - pos
+        return memoryview(buf)[pos:end]
+
     def read_exact(self, n: int) -> bytes:
         """Exactly ``n`` bytes of the current member's data."""
         first = self.read(n)

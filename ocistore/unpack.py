@@ -193,7 +193,7 @@ def _mtime_ns(member: tr.TarEntry) -> int:
     return int(seconds * _NS)
 
 
-def _write_all(fd: int, data: bytes) -> None:
+def _write_all(fd: int, data: bytes | memoryview) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
@@ -203,7 +203,7 @@ def _write_data(tar: tr.TarReader, fd: int, length: int) -> None:
     """Write the member's next ``length`` bytes as the stream holds them: a file that
     spans two chunks is two writes, not a copy joining them."""
     while length > 0:
-        data = tar.read(min(length, CHUNK_SIZE))  # raises at a truncated member
+        data = tar.read_view(min(length, CHUNK_SIZE))  # raises at a truncated member
         _write_all(fd, data)
         length -= len(data)
 

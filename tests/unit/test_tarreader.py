@@ -1258,3 +1258,21 @@ def test_header_across_chunks_keeps_the_next_chunk_uncopied() -> None:
     assert reader._buf is second  # the chunk itself: no megabyte join per boundary
     assert reader.read_exact(300_000) == b"y" * 300_000
     assert reader.next() is None
+
+
+def test_read_view_serves_file_data_from_the_chunk_itself() -> None:
+    small, big = b"s" * 3000, random.Random(5).randbytes(200_000)
+    data = build([F("small", small), F("big", big)], tarfile.USTAR_FORMAT)
+    cut = 512 + 3072 + 512 + 50_000  # the chunk boundary falls inside big's data
+    first, second = data[:cut], data[cut:]
+    reader = TarReader(Chunks([first, second]))
+    assert reader.next() is not None
+    view = reader.read_view(len(small))
+    assert view.obj is first and bytes(view) == small  # no copy of the file's bytes
+    assert reader.next() is not None
+    pieces = []
+    while piece := reader.read_view(len(big)):
+        pieces.append(piece)
+    assert [p.obj for p in pieces] == [first, second]  # split at the boundary, not joined
+    assert b"".join(pieces) == big
+    assert reader.next() is None
