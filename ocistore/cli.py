@@ -397,10 +397,12 @@ def _open_while_importing(store: Store) -> None:
 
     opener = threading.Thread(target=open_store, name="ocistore-open", daemon=True)
     opener.start()
-    try:
-        import ocistore.pull  # noqa: F401 - the HTTP stack, loaded while start-up lasts
-    finally:
-        opener.join()  # before anything else touches the store
+    # A Ctrl-C here propagates at once: opening may wait on another process's lock, and
+    # the opener is a daemon thread (a store left half-created is what a crash leaves,
+    # which opening copes with).
+    import ocistore.pull  # noqa: F401 - the HTTP stack, loaded while start-up lasts
+
+    opener.join()  # before anything else touches the store
     if failure:
         raise failure[0]
 

@@ -51,9 +51,10 @@ def prepare_for_unpacking() -> None:
     except OSError:
         return
     try:
-        # The table grows to hold the highest descriptor and never shrinks back.
-        os.dup2(fd, slots - 1, inheritable=False)
-        os.close(slots - 1)
+        if fd != slots - 1:  # else it is the lowest free slot: the table holds it
+            # The table grows to hold the highest descriptor and never shrinks back.
+            os.dup2(fd, slots - 1, inheritable=False)
+            os.close(slots - 1)
     except OSError:
         pass
     finally:

@@ -199,11 +199,17 @@ def _write_all(fd: int, data: bytes | memoryview) -> None:
         view = view[os.write(fd, view) :]
 
 
-def _write_data(tar: tr.TarReader, fd: int, length: int) -> None:
+def _write_data(tar: tr.TarReader, member: tr.TarEntry, fd: int, length: int) -> None:
     """Write the member's next ``length`` bytes as the stream holds them: a file that
     spans two chunks is two writes, not a copy joining them."""
     while length > 0:
-        data = tar.read_view(min(length, CHUNK_SIZE))  # raises at a truncated member
+        data = tar.read_view(min(length, CHUNK_SIZE))  # raises where the stream ends
+        if not data:
+            # The member's stored bytes ran out first: a sparse map that claims more data
+            # than its blocks hold. Without this the loop would spin forever.
+            raise LayerFormatError(
+                f"layer tar is truncated in the data of {_printable(member.name)!r}"
+            )
         _write_all(fd, data)
         length -= len(data)
 
@@ -514,7 +520,7 @@ class _Unpacker:
         try:
             size = member.size
             if 0 < size <= CHUNK_SIZE and member.sparse is None:
-                _write_data(tar, fd, size)  # most files; _copy does the rest
+                _write_data(tar, member, fd, size)  # most files; _copy does the rest
             elif size or member.sparse is not None:
                 self._copy(tar, member, fd)
             if not born:
@@ -545,7 +551,7 @@ class _Unpacker:
             end = offset + length
             if sparse is not None:
                 os.lseek(fd, offset, os.SEEK_SET)  # holes stay holes
-            _write_data(tar, fd, length)
+            _write_data(tar, member, fd, length)
         if sparse is not None:
             os.ftruncate(fd, member.size)
 

@@ -551,6 +551,13 @@ HOSTILE = [
         "'sp' has an invalid sparse map",
     ),
     Case(
+        # 10000 bytes mapped, 1 stored: used to spin forever writing empty reads
+        "sparse-map-beyond-stored-data",
+        lambda c: [F("sp", b"x", pax={"GNU.sparse.map": "0,10000", "GNU.sparse.size": "10000"})],
+        LayerFormatError,
+        "truncated in the data of 'sp'",
+    ),
+    Case(
         "truncated-gnu-sparse-extension",
         _gnu_sparse_truncated,
         LayerFormatError,
