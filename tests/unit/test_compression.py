@@ -96,3 +96,25 @@ def test_gzip_member_boundary_on_read_boundary() -> None:
     bad = decompressing_reader(_Exact([first, b"junk"]), "gzip")
     with pytest.raises(LayerFormatError, match="garbage"):
         _read_all(bad)
+
+
+def test_gzip_next_members_magic_split_across_reads() -> None:
+    first, second = gzip.compress(b"a" * 100), gzip.compress(b"b" * 100)
+    # The first read ends one byte into the second member: its magic comes in two halves.
+    reader = decompressing_reader(_Exact([first + second[:1], second[1:]]), "gzip")
+    assert _read_all(reader) == b"a" * 100 + b"b" * 100
+    lone = decompressing_reader(_Exact([first + b"\x1f"]), "gzip")
+    with pytest.raises(LayerFormatError, match="garbage"):
+        _read_all(lone)
+
+
+def test_gzip_highly_compressed_member_comes_out_in_bounded_chunks() -> None:
+    # 64 MiB of zeros from a few dozen KiB: each read hands out at most a chunk, the
+    # rest of the input stays inside the inflater until asked for.
+    blob = gzip.compress(bytes(64 << 20), compresslevel=1)
+    reader = decompressing_reader(io.BytesIO(blob), "gzip")
+    sizes = []
+    while chunk := reader.read(1 << 20):
+        assert chunk == bytes(len(chunk))
+        sizes.append(len(chunk))
+    assert sum(sizes) == 64 << 20 and max(sizes) <= 1 << 20
