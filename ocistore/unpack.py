@@ -519,8 +519,8 @@ class _Unpacker:
             fd = os.open(name, _CREATE_FILE, create_mode, dir_fd=pfd)
         try:
             size = member.size
-            if 0 < size <= CHUNK_SIZE and member.sparse is None:
-                _write_data(tar, member, fd, size)  # most files; _copy does the rest
+            if size > 0 and member.sparse is None:
+                _write_data(tar, member, fd, size)  # in chunks; _copy: sparse maps
             elif size or member.sparse is not None:
                 self._copy(tar, member, fd)
             if not born:
