@@ -1,0 +1,209 @@
+"""Tar member headers for the streams ocistore writes (``ocistore export``).
+
+``pax_header`` returns, byte for byte, what ``tarfile.TarInfo.tobuf(tarfile.PAX_FORMAT,
+"utf-8", "surrogateescape")`` returns for the same member (a test compares the two over
+thousands of random members): a ustar header, preceded by a PAX extended header when a
+field does not fit ustar. tarfile builds each header through a dict of fields, a ``sum()``
+over 512 unpacked bytes for the checksum and a string encode per field; that was half of
+the time ``ocistore export`` took. Here the common header is one ``%`` format, and the
+checksum comes from ``zlib.adler32`` (as in :mod:`ocistore.tarreader`).
+"""
+
+from __future__ import annotations
+
+from zlib import adler32
+
+from ocistore.tarreader import (
+    BLKTYPE,
+    BLOCK,
+    CHRTYPE,
+    DIRTYPE,
+    FIFOTYPE,
+    LNKTYPE,
+    REGTYPE,
+    SYMTYPE,
+)
+
+__all__ = [
+    "BLKTYPE",
+    "BLOCK",
+    "CHRTYPE",
+    "DIRTYPE",
+    "FIFOTYPE",
+    "LNKTYPE",
+    "RECORD",
+    "REGTYPE",
+    "SYMTYPE",
+    "pax_header",
+]
+
+RECORD = 20 * BLOCK  # tar(1) pads an archive to a whole record
+XHDTYPE = b"x"
+
+_MAX_ID = 8**7  # 7 octal digits: uid, gid, device numbers
+_MAX_BIG = 8**11  # 11 octal digits: size, mtime
+_EMPTY_DEVICE = bytes(8)
+_NUL100 = bytes(100)
+_NUL32 = bytes(32)
+_USTAR = b"%s%07o\0%07o\0%07o\0%011o\0%011o\0        %s%sustar\x0000%s%s%s%s" + bytes(155 + 12)
+
+
+def pax_header(
+    name: str,
+    kind: bytes,
+    *,
+    mode: int = 0o644,
+    uid: int = 0,
+    gid: int = 0,
+    size: int = 0,
+    mtime: int = 0,
+    linkname: str = "",
+    uname: str = "",
+    gname: str = "",
+    devmajor: int = 0,
+    devminor: int = 0,
+    pax: dict[str, str] | None = None,
+) -> bytes:
+    """The header block(s) of one member, as tarfile writes them in PAX format with UTF-8.
+
+    ``pax`` records come first, in their order, then what does not fit ustar (a long or
+    non-ASCII ``path``/``linkpath``/``uname``/``gname``, an out-of-range ``uid``, ``gid``,
+    ``size`` or ``mtime``), unless ``pax`` already gives it."""
+    if kind == DIRTYPE and not name.endswith("/"):
+        name += "/"
+    records = dict(pax) if pax else {}
+    # tarfile's order of records: the caller's, then path, linkpath, uname, gname, uid,
+    # gid, size, mtime. An empty string always fits (most links and names are empty).
+    if "path" not in records and (len(name) > 100 or not name.isascii()):
+        records["path"] = name
+    if linkname and "linkpath" not in records and (len(linkname) > 100 or not linkname.isascii()):
+        records["linkpath"] = linkname
+    if uname and "uname" not in records and (len(uname) > 32 or not uname.isascii()):
+        records["uname"] = uname
+    if gname and "gname" not in records and (len(gname) > 32 or not gname.isascii()):
+        records["gname"] = gname
+    if not 0 <= uid < _MAX_ID:
+        records.setdefault("uid", str(uid))
+        uid = 0
+    if not 0 <= gid < _MAX_ID:
+        records.setdefault("gid", str(gid))
+        gid = 0
+    if not 0 <= size < _MAX_BIG:
+        records.setdefault("size", str(size))
+        size = 0
+    if not 0 <= mtime < _MAX_BIG:
+        records.setdefault("mtime", str(mtime))
+        mtime = 0
+    if kind in (CHRTYPE, BLKTYPE):
+        major, minor = _device(devmajor), _device(devminor)
+    else:
+        major = minor = _EMPTY_DEVICE
+    header = _ustar(
+        _field(name, 100),
+        mode & 0o7777,
+        uid,
+        gid,
+        size,
+        mtime,
+        kind,
+        _field(linkname, 100) if linkname else _NUL100,
+        _field(uname, 32) if uname else _NUL32,
+        _field(gname, 32) if gname else _NUL32,
+        major,
+        minor,
+    )
+    if not records:
+        return header
+    return _extended(records) + header
+
+
+def _field(value: str, length: int) -> bytes:
+    data = value.encode("ascii", "replace")[:length]  # the PAX record has the real value
+    return data + bytes(length - len(data))
+
+
+_PAX_NAME = _field("././@PaxHeader", 100)
+
+
+def _device(number: int) -> bytes:
+    if not 0 <= number < _MAX_ID:
+        raise ValueError("overflow in number field")  # tarfile's refusal, word for word
+    return b"%07o\0" % number
+
+
+def _ustar(
+    name: bytes,
+    mode: int,
+    uid: int,
+    gid: int,
+    size: int,
+    mtime: int,
+    kind: bytes,
+    linkname: bytes,
+    uname: bytes,
+    gname: bytes,
+    devmajor: bytes,
+    devminor: bytes,
+) -> bytes:
+    block = _USTAR % (
+        name,
+        mode,
+        uid,
+        gid,
+        size,
+        mtime,
+        kind,
+        linkname,
+        uname,
+        gname,
+        devmajor,
+        devminor,
+    )
+    # The byte sum with the checksum field as 8 spaces (it holds them now). Adler-32's low
+    # half is 1 + the byte sum of each 256-byte half, which cannot wrap at that size.
+    checksum = (adler32(block[:256]) & 0xFFFF) + (adler32(block[256:]) & 0xFFFF) - 2
+    return b"%s%06o\0%s" % (block[:148], checksum, block[155:])
+
+
+def _extended(records: dict[str, str]) -> bytes:
+    """A PAX extended header (type ``x``) and its records, padded to whole blocks."""
+    # A value that is not valid UTF-8 (surrogate escapes of raw bytes) switches the whole
+    # header to hdrcharset=BINARY, values as their original bytes.
+    binary = False
+    for value in records.values():
+        if not value.isascii():  # ASCII is always valid UTF-8
+            try:
+                value.encode("utf-8", "strict")
+            except UnicodeEncodeError:
+                binary = True
+                break
+    parts = [b"21 hdrcharset=BINARY\n"] if binary else []
+    errors = "surrogateescape" if binary else "strict"
+    for keyword, value in records.items():
+        key = keyword.encode("utf-8")
+        data = value.encode("utf-8", errors)
+        body = len(key) + len(data) + 3  # " ", "=", "\n"
+        # The record's length counts its own digits: grow until it is a fixed point.
+        length = total = 0
+        while True:
+            total = body + len(str(length))
+            if total == length:
+                break
+            length = total
+        parts.append(b"%d %s=%s\n" % (length, key, data))
+    payload = b"".join(parts)
+    header = _ustar(
+        _PAX_NAME,
+        0,
+        0,
+        0,
+        len(payload),
+        0,
+        XHDTYPE,
+        _NUL100,
+        _NUL32,
+        _NUL32,
+        _EMPTY_DEVICE,
+        _EMPTY_DEVICE,
+    )
+    return header + payload + bytes(-len(payload) % BLOCK)
