@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import os
 import stat
-import tarfile
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import IO, Literal, Protocol
+from typing import IO, Any, Literal, Protocol
 
+from ocistore import tarwriter as tw
 from ocistore.errors import StorageError
 from ocistore.snapshots.mounts import _OPEN_FILE, _join, _xattr
 
@@ -21,6 +21,7 @@ _WH_PREFIX = ".wh."
 _WH_OPAQUE = ".wh..wh..opq"
 _METACOPY_XATTR = "trusted.overlay.metacopy"
 _NS = 1_000_000_000
+_CHUNK = 1 << 20
 
 
 # --- the change list -------------------------------------------------------------------------
@@ -87,42 +88,49 @@ class _TarWriter:
     (mode, numeric owner, mtime to the nanosecond, ``user.*`` and ``security.capability``
     xattrs). A non-directory seen again through another name (same inode) becomes a
     hardlink to the first name written. Whiteout markers are empty 0644 files owned by
-    0:0 with mtime 0, so the same changes give the same bytes.
+    0:0 with mtime 0, so the same changes give the same bytes. Headers are tarfile's bytes
+    (:mod:`ocistore.tarwriter`), so the layers are those tarfile's stream mode wrote.
     """
 
     def __init__(self, out: IO[bytes]) -> None:
-        self.tar = tarfile.open(  # noqa: SIM115 - closed by close()
-            fileobj=out,
-            mode="w|",
-            format=tarfile.PAX_FORMAT,
-            encoding="utf-8",
-            errors="surrogateescape",
-        )
+        self.out = out
+        self.written = 0
         self.links: dict[tuple[int, int], str] = {}
 
-    def close(self) -> None:
-        self.tar.close()
+    def _write(self, data: bytes) -> None:
+        self.out.write(data)
+        self.written += len(data)
 
-    def _info(self, rel: str, st: os.stat_result, kind: bytes) -> tarfile.TarInfo:
-        info = tarfile.TarInfo(rel)
-        info.type = kind
-        info.mode = stat.S_IMODE(st.st_mode)
-        info.uid = st.st_uid
-        info.gid = st.st_gid
-        info.uname = info.gname = ""
+    def close(self) -> None:
+        """Two zero blocks end the archive, padded to a whole record as tar(1) does."""
+        end = 2 * tw.BLOCK
+        self._write(bytes(end + -(self.written + end) % tw.RECORD))
+
+    def _add(self, rel: str, kind: bytes, st: os.stat_result, **fields: Any) -> None:
         seconds, frac = divmod(st.st_mtime_ns, _NS)
-        info.mtime = seconds
+        pax: dict[str, str] = fields.pop("pax", {})
         if frac or not 0 <= seconds < 8**11:
-            info.pax_headers = {"mtime": _pax_time(st.st_mtime_ns)}
-        return info
+            pax = {"mtime": _pax_time(st.st_mtime_ns), **pax}
+        self._write(
+            tw.pax_header(
+                rel,
+                kind,
+                mode=stat.S_IMODE(st.st_mode),
+                uid=st.st_uid,
+                gid=st.st_gid,
+                mtime=seconds,
+                pax=pax,
+                **fields,
+            )
+        )
 
     @staticmethod
-    def _xattrs(info: tarfile.TarInfo, fd: int) -> None:
+    def _xattrs(fd: int) -> dict[str, str]:
         try:
             names = os.listxattr(fd)
         except OSError:
-            return
-        pax = dict(info.pax_headers)
+            return {}
+        pax = {}
         for name in sorted(names):
             if name == "security.capability" or (
                 name.startswith("user.") and not name.startswith("user.overlay.")
@@ -130,7 +138,7 @@ class _TarWriter:
                 value = _xattr(fd, name)
                 if value is not None:
                     pax["SCHILY.xattr." + name] = value.decode("utf-8", "surrogateescape")
-        info.pax_headers = pax
+        return pax
 
     @staticmethod
     def _check_name(rel: str) -> None:
@@ -143,27 +151,16 @@ class _TarWriter:
             )
 
     def marker(self, rel_dir: str, base: str) -> None:
-        info = tarfile.TarInfo(_join(rel_dir, base))
-        info.type = tarfile.REGTYPE
-        info.mode = 0o644
-        info.mtime = 0
-        info.uname = info.gname = ""
-        self.tar.addfile(info)
+        self._write(tw.pax_header(_join(rel_dir, base), tw.REGTYPE, mode=0o644))
 
     def directory(self, rel: str, fd: int) -> None:
         self._check_name(rel)
-        info = self._info(rel, os.fstat(fd), tarfile.DIRTYPE)
-        self._xattrs(info, fd)
-        self.tar.addfile(info)
+        self._add(rel, tw.DIRTYPE, os.fstat(fd), pax=self._xattrs(fd))
 
     def empty_directory(self, rel: str) -> None:
         """A directory we cannot look at (a mount point): 0755, 0:0, mtime 0."""
         self._check_name(rel)
-        info = tarfile.TarInfo(rel)
-        info.type = tarfile.DIRTYPE
-        info.mode = 0o755
-        info.uname = info.gname = ""
-        self.tar.addfile(info)
+        self._write(tw.pax_header(rel, tw.DIRTYPE, mode=0o755))
 
     def nondirectory(
         self, parent_fd: int, name: str, rel: str, st: os.stat_result, *, check_metacopy: bool
@@ -177,27 +174,32 @@ class _TarWriter:
         key = (st.st_dev, st.st_ino)
         first = self.links.get(key) if st.st_nlink > 1 else None
         if first is not None:
-            info = tarfile.TarInfo(rel)
-            info.type = tarfile.LNKTYPE
-            info.linkname = first
-            info.mode = stat.S_IMODE(mode)
-            info.uid, info.gid = st.st_uid, st.st_gid
-            info.uname = info.gname = ""
-            info.mtime = st.st_mtime_ns // _NS
-            self.tar.addfile(info)
+            self._write(
+                tw.pax_header(
+                    rel,
+                    tw.LNKTYPE,
+                    linkname=first,
+                    mode=stat.S_IMODE(mode),
+                    uid=st.st_uid,
+                    gid=st.st_gid,
+                    mtime=st.st_mtime_ns // _NS,
+                )
+            )
             return
         if stat.S_ISREG(mode):
             self._regular(parent_fd, name, rel, check_metacopy)
         elif stat.S_ISLNK(mode):
-            info = self._info(rel, st, tarfile.SYMTYPE)
-            info.linkname = os.readlink(name, dir_fd=parent_fd)
-            self.tar.addfile(info)
+            self._add(rel, tw.SYMTYPE, st, linkname=os.readlink(name, dir_fd=parent_fd))
         elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-            info = self._info(rel, st, tarfile.CHRTYPE if stat.S_ISCHR(mode) else tarfile.BLKTYPE)
-            info.devmajor, info.devminor = os.major(st.st_rdev), os.minor(st.st_rdev)
-            self.tar.addfile(info)
+            self._add(
+                rel,
+                tw.CHRTYPE if stat.S_ISCHR(mode) else tw.BLKTYPE,
+                st,
+                devmajor=os.major(st.st_rdev),
+                devminor=os.minor(st.st_rdev),
+            )
         elif stat.S_ISFIFO(mode):
-            self.tar.addfile(self._info(rel, st, tarfile.FIFOTYPE))
+            self._add(rel, tw.FIFOTYPE, st)
         else:  # pragma: no cover - no other file types on Linux
             return
         if st.st_nlink > 1:
@@ -210,7 +212,7 @@ class _TarWriter:
             raise StorageError(
                 f"cannot read {rel!r}: {exc.strerror} (changed while reading?)"
             ) from exc
-        with os.fdopen(fd, "rb") as f:
+        try:
             fst = os.fstat(fd)
             if not stat.S_ISREG(fst.st_mode):
                 raise StorageError(f"{rel!r} changed while it was being exported")
@@ -219,12 +221,23 @@ class _TarWriter:
                     f"{rel!r} is an overlay metacopy (its data lives in a lower layer); "
                     "mount with metacopy=off"
                 )
-            info = self._info(rel, fst, tarfile.REGTYPE)
-            info.size = fst.st_size
-            self._xattrs(info, fd)
-            try:
-                self.tar.addfile(info, f)
-            except OSError as exc:
-                raise StorageError(
-                    f"cannot export {rel!r}: {exc} (changed while reading?)"
-                ) from exc
+            size = fst.st_size
+            self._add(rel, tw.REGTYPE, fst, size=size, pax=self._xattrs(fd))
+            left = size
+            while left:  # exactly the size the header gave, whatever the file does now
+                try:
+                    data = os.read(fd, min(left, _CHUNK))
+                except OSError as exc:
+                    raise StorageError(
+                        f"cannot export {rel!r}: {exc} (changed while reading?)"
+                    ) from exc
+                if not data:
+                    raise StorageError(
+                        f"cannot export {rel!r}: unexpected end of data (changed while reading?)"
+                    )
+                self._write(data)
+                left -= len(data)
+            if size % tw.BLOCK:
+                self._write(bytes(tw.BLOCK - size % tw.BLOCK))
+        finally:
+            os.close(fd)
