@@ -1,8 +1,8 @@
 """How a store writes whiteouts into its layer directories, and how that is decided.
 
 Kept apart from the unpacker so that commands which only read the store (``images``,
-``create``, ``ls``) do not import the unpacker and the tar reader at start-up; the probe, which
-runs once per store, imports what it needs itself.
+``create``, ``ls``) do not import the unpacker and the tar reader at start-up; the probe,
+which runs once per store, imports what it needs itself.
 """
 
 from __future__ import annotations
