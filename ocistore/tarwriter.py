@@ -11,6 +11,7 @@ checksum comes from ``zlib.adler32`` (as in :mod:`ocistore.tarreader`).
 
 from __future__ import annotations
 
+import functools
 from zlib import adler32
 
 from ocistore.tarreader import (
@@ -192,12 +193,19 @@ def _extended(records: dict[str, str]) -> bytes:
             length = total
         parts.append(b"%d %s=%s\n" % (length, key, data))
     payload = b"".join(parts)
-    header = _ustar(
+    return _extended_block(len(payload)) + payload + bytes(-len(payload) % BLOCK)
+
+
+@functools.lru_cache(maxsize=64)
+def _extended_block(size: int) -> bytes:
+    """The header block of a PAX extended header of ``size`` bytes. Only the size varies,
+    and few sizes recur (a nanosecond ``mtime`` record is 22 to 30 bytes)."""
+    return _ustar(
         _PAX_NAME,
         0,
         0,
         0,
-        len(payload),
+        size,
         0,
         XHDTYPE,
         _NUL100,
@@ -206,4 +214,3 @@ def _extended(records: dict[str, str]) -> bytes:
         _EMPTY_DEVICE,
         _EMPTY_DEVICE,
     )
-    return header + payload + bytes(-len(payload) % BLOCK)
