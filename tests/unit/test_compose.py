@@ -8,6 +8,7 @@ unpacked by ``unpack_layer``, in both whiteout forms (OVERLAY only as root). Eve
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import os
@@ -16,6 +17,7 @@ import stat
 import struct
 import subprocess
 import tarfile
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -1064,6 +1066,77 @@ def test_export_tar_pax(tmp_path: Path, fmt: WhiteoutFormat) -> None:
         members = {m.name: m for m in t.getmembers()}
     assert members["x"].pax_headers["SCHILY.xattr.user.a"] == "1"
     assert "SCHILY.xattr.user.low" not in members["merged"].pax_headers
+
+
+def _big_file_tree(tmp_path: Path, fmt: WhiteoutFormat) -> tuple[ComposedTree, bytes]:
+    """Two layers: a 3 MiB file (sendfile's size) is replaced above by another, beside
+    small files, so the export mixes buffered writes and sendfile."""
+    big = os.urandom(3 << 20) + b"tail"
+    views = build_layers(
+        tmp_path / "layers",
+        fmt,
+        [
+            [D("d"), F("d/big", os.urandom(2 << 20)), F("d/a", "a")],
+            [D("d"), F("d/big", big), F("d/z", "z" * 700), F("d/exact", b"e" * (1 << 20))],
+        ],
+    )
+    return ComposedTree(views), big
+
+
+def test_export_tar_big_files_to_a_file_and_a_pipe(tmp_path: Path, fmt: WhiteoutFormat) -> None:
+    """A file of 1 MiB or more goes to a real descriptor with sendfile(2): the bytes are
+    the same as through Python (a BytesIO has no descriptor), in a file and in a pipe."""
+    tree, big = _big_file_tree(tmp_path, fmt)
+    reference = export_bytes(tree)
+    with open(tmp_path / "out.tar", "wb") as f:
+        export_tar(tree, f)
+    assert (tmp_path / "out.tar").read_bytes() == reference
+    read_fd, write_fd = os.pipe()
+    chunks: list[bytes] = []
+    reader = threading.Thread(
+        target=lambda: chunks.extend(iter(lambda: os.read(read_fd, 1 << 16), b""))
+    )
+    reader.start()
+    with open(write_fd, "wb") as w:
+        export_tar(tree, w)
+    reader.join()
+    os.close(read_fd)
+    assert b"".join(chunks) == reference
+    with tarfile.open(fileobj=io.BytesIO(reference)) as t:
+        got = t.extractfile("d/big")
+        assert got is not None and got.read() == big
+        exact = t.extractfile("d/exact")
+        assert exact is not None and exact.read() == b"e" * (1 << 20)
+
+
+def test_export_tar_falls_back_when_sendfile_cannot_write_there(
+    tmp_path: Path, fmt: WhiteoutFormat, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tree, _ = _big_file_tree(tmp_path, fmt)
+    reference = export_bytes(tree)
+    calls: list[int] = []
+
+    def refuse(out_fd: int, in_fd: int, offset: int | None, count: int) -> int:
+        calls.append(count)
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(os, "sendfile", refuse)
+    with open(tmp_path / "out.tar", "wb") as f:
+        export_tar(tree, f)
+    assert (tmp_path / "out.tar").read_bytes() == reference
+    assert len(calls) == 1  # refused once, then not asked again
+
+
+def test_export_tar_file_that_shrank_under_sendfile_is_an_error(
+    tmp_path: Path, fmt: WhiteoutFormat, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tree, _ = _big_file_tree(tmp_path, fmt)
+    monkeypatch.setattr(os, "sendfile", lambda *args: 0)
+    with (
+        open(tmp_path / "out.tar", "wb") as f,
+        pytest.raises(StorageError, match="changed size while being exported"),
+    ):
+        export_tar(tree, f)
 
 
 # --- performance (one rough measurement, printed; run with -s to see it) -----------------
