@@ -16,7 +16,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -139,6 +138,8 @@ def _from_helper(helper: str, server: str) -> Credentials | None:
     exe = shutil.which(f"docker-credential-{helper}")
     if exe is None:
         return None
+    import subprocess  # only here: most pulls have no credential helper (2 ms at start-up)
+
     try:
         out = subprocess.run(
             [exe, "get"], input=server.encode(), capture_output=True, timeout=30, check=True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -82,9 +83,9 @@ def test_from_descriptor_normalises_and_tolerates_missing_fields() -> None:
 def test_host_platform(
     monkeypatch: pytest.MonkeyPatch, system: str, machine: str, expected: str
 ) -> None:
-    # ocistore.platform imports the stdlib module as _host; patch it where it is used.
-    monkeypatch.setattr("ocistore.platform._host.system", lambda: system)
-    monkeypatch.setattr("ocistore.platform._host.machine", lambda: machine)
+    real = os.uname()
+    fake = os.uname_result((system, real.nodename, real.release, real.version, machine))
+    monkeypatch.setattr("ocistore.platform.os.uname", lambda: fake)
     assert str(Platform.host()) == expected
 
 
