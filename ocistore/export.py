@@ -8,6 +8,7 @@ bytes, at a fraction of its cost). See ``docs/compose.md``.
 from __future__ import annotations
 
 import errno
+import io
 import os
 import stat
 from typing import IO
@@ -43,7 +44,7 @@ def export_tar(tree: ComposedTree, out: IO[bytes]) -> None:
     ``security.capability``) are ``SCHILY.xattr.*`` records; mtimes keep nanoseconds."""
     links: dict[tuple[int, int, int], str] = {}
     written = 0
-    sink = _fileno(out)  # None: no descriptor (a BytesIO), or sendfile refused it
+    sink = _sendfile_sink(out)  # None: not a plain descriptor, or sendfile refused it
     for node in tree.walk():
         st = node.stat
         kind = _TAR_TYPES.get(stat.S_IFMT(st.st_mode))
@@ -150,10 +151,20 @@ def _open(source: str) -> int:
         raise StorageError(f"cannot open {source}: {exc.strerror}") from exc
 
 
-def _fileno(out: IO[bytes]) -> int | None:
+def _sendfile_sink(out: IO[bytes]) -> int | None:
+    """The descriptor behind ``out`` if sendfile(2) may write to it directly: a plain
+    file object (``open()``'s, ``sys.stdout.buffer``) on a blocking descriptor. A wrapper
+    that transforms what is written (``gzip.GzipFile``...) may pass its file's ``fileno``
+    through, and a socket with a timeout is non-blocking: both get ``out.write``."""
+    raw: object = out
+    if type(out) in (io.BufferedWriter, io.BufferedRandom):
+        raw = out.raw  # type: ignore[attr-defined]  # IO[bytes] does not declare it
+    if type(raw) is not io.FileIO:
+        return None
     try:
-        return out.fileno()
-    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is both
+        fd = raw.fileno()
+        return fd if os.get_blocking(fd) else None
+    except (OSError, ValueError):
         return None
 
 
@@ -164,10 +175,12 @@ def _send_file(fd: int, sink: int, source: str, size: int) -> bool:
     while sent < size:
         try:
             n = os.sendfile(sink, fd, sent, size - sent)
+        except BrokenPipeError:
+            raise  # the reader went away: as out.write says it
         except OSError as exc:
             if sent == 0 and exc.errno in _NO_SENDFILE:
                 return False
-            raise  # as out.write would: a closed pipe, a full disk
+            raise StorageError(f"cannot export {source}: {exc.strerror}") from exc
         if n == 0:
             raise StorageError(f"{source} changed size while being exported")
         sent += n

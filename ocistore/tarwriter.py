@@ -95,6 +95,9 @@ def pax_header(
     if not 0 <= mtime < _MAX_BIG:
         records.setdefault("mtime", str(mtime))
         mtime = 0
+    # The extended header first, as tarfile builds it: an unencodable record fails before a
+    # device number out of range does.
+    extended = _extended(records) if records else b""
     if kind in (CHRTYPE, BLKTYPE):
         major, minor = _device(devmajor), _device(devminor)
     else:
@@ -113,9 +116,7 @@ def pax_header(
         major,
         minor,
     )
-    if not records:
-        return header
-    return _extended(records) + header
+    return extended + header if extended else header
 
 
 def _field(value: str, length: int) -> bytes:

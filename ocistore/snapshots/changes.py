@@ -95,6 +95,7 @@ class _TarWriter:
     def __init__(self, out: IO[bytes]) -> None:
         self.out = out
         self.written = 0
+        self.closed = False
         self.links: dict[tuple[int, int], str] = {}
 
     def _write(self, data: bytes) -> None:
@@ -102,7 +103,11 @@ class _TarWriter:
         self.written += len(data)
 
     def close(self) -> None:
-        """Two zero blocks end the archive, padded to a whole record as tar(1) does."""
+        """Two zero blocks end the archive, padded to a whole record as tar(1) does (once,
+        as tarfile's close)."""
+        if self.closed:
+            return
+        self.closed = True
         end = 2 * tw.BLOCK
         self._write(bytes(end + -(self.written + end) % tw.RECORD))
 

@@ -9,10 +9,12 @@ unpacked by ``unpack_layer``, in both whiteout forms (OVERLAY only as root). Eve
 from __future__ import annotations
 
 import errno
+import gzip
 import hashlib
 import io
 import os
 import shutil
+import socket
 import stat
 import struct
 import subprocess
@@ -1107,6 +1109,28 @@ def test_export_tar_big_files_to_a_file_and_a_pipe(tmp_path: Path, fmt: Whiteout
         assert got is not None and got.read() == big
         exact = t.extractfile("d/exact")
         assert exact is not None and exact.read() == b"e" * (1 << 20)
+
+
+def test_export_tar_through_wrappers_and_sockets_never_sendfiles_past_them(
+    tmp_path: Path, fmt: WhiteoutFormat
+) -> None:
+    """A GzipFile passes its file's fileno through, and a socket with a timeout is
+    non-blocking: sendfile there would skip the compressor or fail half-way."""
+    tree, _ = _big_file_tree(tmp_path, fmt)
+    reference = export_bytes(tree)
+    with gzip.open(tmp_path / "out.tar.gz", "wb") as z:
+        export_tar(tree, z)  # type: ignore[arg-type]
+    assert gzip.decompress((tmp_path / "out.tar.gz").read_bytes()) == reference
+    ours, theirs = socket.socketpair()
+    chunks: list[bytes] = []
+    reader = threading.Thread(target=lambda: chunks.extend(iter(lambda: theirs.recv(1 << 16), b"")))
+    reader.start()
+    ours.settimeout(30)
+    with ours, ours.makefile("wb") as w:
+        export_tar(tree, w)
+    reader.join()
+    theirs.close()
+    assert b"".join(chunks) == reference
 
 
 def test_export_tar_falls_back_when_sendfile_cannot_write_there(

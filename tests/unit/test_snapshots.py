@@ -30,6 +30,7 @@ from ocistore import compose, snapshots, volumes
 from ocistore.compose import LayerView
 from ocistore.errors import InUseError, MountError, StorageError, UsageError
 from ocistore.snapshots import Change, CopyDriver, OverlayDriver
+from ocistore.snapshots.changes import _TarWriter
 from ocistore.unpack import UnpackOptions, WhiteoutFormat, unpack_layer
 
 ROOT = os.geteuid() == 0
@@ -864,3 +865,17 @@ def test_copy_manifest_round_trips(tmp_path: Path) -> None:
     Path(path).write_bytes(b"garbage")
     with pytest.raises(StorageError, match="not a copy manifest"):
         snapshots._Manifest.load(path)
+
+
+def test_changes_tar_writer_ends_the_archive_once() -> None:
+    """Two zero blocks padded to a 10 KiB record, as tarfile's close(), and only once."""
+    out = io.BytesIO()
+    writer = _TarWriter(out)
+    writer.marker("etc", ".wh.gone")
+    writer.close()
+    writer.close()
+    data = out.getvalue()
+    assert len(data) == 10240
+    assert data[512:] == bytes(10240 - 512)
+    with tarfile.open(fileobj=io.BytesIO(data)) as t:
+        assert t.getnames() == ["etc/.wh.gone"]

@@ -119,6 +119,14 @@ def test_device_numbers_out_of_range_are_refused_like_tarfile() -> None:
         tw.pax_header("dev/x", tw.CHRTYPE, devmajor=8**7)
 
 
+def test_an_unencodable_record_fails_before_a_device_number_like_tarfile() -> None:
+    pax = {"SCHILY.xattr.user.k": "\ud800"}
+    with pytest.raises(UnicodeEncodeError):
+        _tarfile_header("dev/x", tw.CHRTYPE, pax=pax, devmajor=8**7)
+    with pytest.raises(UnicodeEncodeError):
+        tw.pax_header("dev/x", tw.CHRTYPE, pax=pax, devmajor=8**7)
+
+
 def test_headers_read_back_with_tarfile() -> None:
     out = io.BytesIO()
     members: list[tuple[str, bytes, dict[str, object]]] = [
