@@ -83,18 +83,10 @@ def pax_header(
         records["uname"] = uname
     if gname and "gname" not in records and (len(gname) > 32 or not gname.isascii()):
         records["gname"] = gname
-    if not 0 <= uid < _MAX_ID:
-        records.setdefault("uid", str(uid))
-        uid = 0
-    if not 0 <= gid < _MAX_ID:
-        records.setdefault("gid", str(gid))
-        gid = 0
-    if not 0 <= size < _MAX_BIG:
-        records.setdefault("size", str(size))
-        size = 0
-    if not 0 <= mtime < _MAX_BIG:
-        records.setdefault("mtime", str(mtime))
-        mtime = 0
+    uid = _number(records, "uid", uid, _MAX_ID)
+    gid = _number(records, "gid", gid, _MAX_ID)
+    size = _number(records, "size", size, _MAX_BIG)
+    mtime = _number(records, "mtime", mtime, _MAX_BIG)
     # The extended header first, as tarfile builds it: an unencodable record fails before a
     # device number out of range does.
     extended = _extended(records) if records else b""
@@ -117,6 +109,15 @@ def pax_header(
         minor,
     )
     return extended + header if extended else header
+
+
+def _number(records: dict[str, str], keyword: str, value: int, limit: int) -> int:
+    """The ustar field's value: ``value`` if it fits, else 0 and a record (unless the
+    caller's records already give one)."""
+    if 0 <= value < limit:
+        return value
+    records.setdefault(keyword, str(value))
+    return 0
 
 
 def _field(value: str, length: int) -> bytes:
