@@ -53,7 +53,7 @@ def export_tar(tree: ComposedTree, out: IO[bytes]) -> None:
         mtime = st.st_mtime_ns
         pax: dict[str, str] = {}
         if mtime % _NS:
-            pax["mtime"] = _pax_time(mtime)
+            pax["mtime"] = tw.pax_time(mtime)
         size = 0
         linkname = ""
         if kind != tw.DIRTYPE and st.st_nlink > 1:
@@ -109,12 +109,6 @@ def export_tar(tree: ComposedTree, out: IO[bytes]) -> None:
     end = 2 * tw.BLOCK
     end += -(written + end) % tw.RECORD
     out.write(bytes(end))
-
-
-def _pax_time(ns: int) -> str:
-    sign = "-" if ns < 0 else ""
-    whole, frac = divmod(abs(ns), _NS)
-    return f"{sign}{whole}.{frac:09d}".rstrip("0")
 
 
 def _read_link(source: str) -> str:

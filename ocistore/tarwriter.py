@@ -36,6 +36,7 @@ __all__ = [
     "REGTYPE",
     "SYMTYPE",
     "pax_header",
+    "pax_time",
 ]
 
 RECORD = 20 * BLOCK  # tar(1) pads an archive to a whole record
@@ -109,6 +110,15 @@ def pax_header(
         minor,
     )
     return extended + header if extended else header
+
+
+def pax_time(ns: int) -> str:
+    """A nanosecond time as a PAX ``mtime`` value: seconds, and a fraction only if any."""
+    sign = "-" if ns < 0 else ""
+    seconds, frac = divmod(abs(ns), 1_000_000_000)
+    if not frac:
+        return f"{sign}{seconds}"
+    return f"{sign}{seconds}.{frac:09d}".rstrip("0")
 
 
 def _number(records: dict[str, str], keyword: str, value: int, limit: int) -> int:

@@ -33,7 +33,6 @@ from ocistore.snapshots.overlay import OverlayDriver
 
 if TYPE_CHECKING:
     from ocistore.snapshots.changes import Change
-    from ocistore.snapshots.changes import _pax_time as _pax_time
     from ocistore.snapshots.changes import _sorted_changes as _sorted_changes
     from ocistore.snapshots.copy import CopyDriver
     from ocistore.snapshots.copy import _Manifest as _Manifest
@@ -62,7 +61,6 @@ __all__ = [
 
 _LAZY = {
     "Change": "changes",
-    "_pax_time": "changes",
     "_sorted_changes": "changes",
     "CopyDriver": "copy",
     "_Manifest": "copy",

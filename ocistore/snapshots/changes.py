@@ -73,14 +73,6 @@ def _dir_meta_differs(a: _StatLike, b: _StatLike) -> bool:
 # --- the tar writer --------------------------------------------------------------------------
 
 
-def _pax_time(ns: int) -> str:
-    sign = "-" if ns < 0 else ""
-    seconds, frac = divmod(abs(ns), _NS)
-    if not frac:
-        return f"{sign}{seconds}"
-    return f"{sign}{seconds}.{frac:09d}".rstrip("0")
-
-
 class _TarWriter:
     """Writes an OCI layer tar (uncompressed, PAX) to a stream, entry by entry.
 
@@ -115,7 +107,7 @@ class _TarWriter:
         seconds, frac = divmod(st.st_mtime_ns, _NS)
         pax: dict[str, str] = fields.pop("pax", {})
         if frac or not 0 <= seconds < 8**11:
-            pax = {"mtime": _pax_time(st.st_mtime_ns), **pax}
+            pax = {"mtime": tw.pax_time(st.st_mtime_ns), **pax}
         self._write(
             tw.pax_header(
                 rel,

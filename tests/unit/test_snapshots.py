@@ -31,6 +31,7 @@ from ocistore.compose import LayerView
 from ocistore.errors import InUseError, MountError, StorageError, UsageError
 from ocistore.snapshots import Change, CopyDriver, OverlayDriver
 from ocistore.snapshots.changes import _TarWriter
+from ocistore.tarwriter import pax_time
 from ocistore.unpack import UnpackOptions, WhiteoutFormat, unpack_layer
 
 ROOT = os.geteuid() == 0
@@ -390,7 +391,7 @@ def check_members(data: bytes, root: Path) -> None:
     passwd = by_name["etc/passwd"]
     st = os.lstat(root / "etc/passwd")
     assert passwd.size == st.st_size
-    assert passwd.pax_headers.get("mtime") == snapshots._pax_time(st.st_mtime_ns)
+    assert passwd.pax_headers.get("mtime") == pax_time(st.st_mtime_ns)
     if ROOT:
         assert (by_name["srv/www/index.html"].uid, by_name["srv/www/index.html"].gid) == (
             1000,
