@@ -172,6 +172,9 @@ class Puller:
         content.put(manifest_data, manifest_digest)
         name = ref.store_name
         chains = chain_ids(config.diff_ids)
+        # The metadata row is the commit point; index.json (the OCI layout's view) follows.
+        # Killed in between, fsck calls the missing entry a leftover, and the next pull of
+        # this image (or fsck --repair) writes it.
         self.store.metadata.put_image(
             ImageRecord(
                 name=name,

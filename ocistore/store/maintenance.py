@@ -251,7 +251,13 @@ def _check_images(store: Store, report: FsckReport, repair: bool) -> None:
             if store.metadata.layer(layer.diff_id) is None:
                 report.problems.append(f"image {image.name}: layer {layer.diff_id} is missing")
         if image.name not in refs:
-            report.problems.append(f"image {image.name}: not in index.json")
+            # A pull (or commit) records the image, then writes its index.json entry: a
+            # kill between the two leaves this. The image is usable; only the OCI layout's
+            # view lags, and the next pull of it (or --repair) writes the entry.
+            report.problems.append(
+                f"leftover temporary state of an interrupted pull: image {image.name} is "
+                "recorded but not in index.json"
+            )
             if repair and store.content.has(Digest.parse(image.manifest_digest)):
                 from ocistore.model import Descriptor
                 from ocistore.platform import Platform

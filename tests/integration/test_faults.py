@@ -146,11 +146,13 @@ def _assert_clean(store: Store) -> None:
 
 
 def _assert_nothing_half_written(root: Path) -> list[str]:
-    """What a killed or failed pull may leave: only temporary files (prune removes them).
+    """What a killed or failed pull may leave: only temporary leftovers (prune removes the
+    files; an image recorded a moment before its index.json entry gets the entry from the
+    next pull or fsck --repair).
 
     fsck re-hashes every visible blob, checks every layer directory has its metadata row
     and every row its directory, and that every recorded image has its blobs and layers;
-    any finding other than a leftover temporary file fails. Returns the leftovers."""
+    any finding other than a leftover temporary one fails. Returns the leftovers."""
     store = _store(root)
     try:
         report = store.fsck()
