@@ -251,12 +251,12 @@ def _check_images(store: Store, report: FsckReport, repair: bool) -> None:
             if store.metadata.layer(layer.diff_id) is None:
                 report.problems.append(f"image {image.name}: layer {layer.diff_id} is missing")
         if image.name not in refs:
-            # A pull (or commit) records the image, then writes its index.json entry: a
-            # kill between the two leaves this. The image is usable; only the OCI layout's
-            # view lags, and the next pull of it (or --repair) writes the entry.
+            # A pull (or commit) records the image, then writes its index.json entry; rmi
+            # removes the entry, then the record. A kill between the two leaves this: the
+            # next pull of the image (or --repair) writes the entry, the next rmi ends it.
             report.problems.append(
-                f"leftover temporary state of an interrupted pull: image {image.name} is "
-                "recorded but not in index.json"
+                f"leftover temporary state of an interrupted pull or rmi: image {image.name} "
+                "is recorded but not in index.json"
             )
             if repair and store.content.has(Digest.parse(image.manifest_digest)):
                 from ocistore.model import Descriptor

@@ -89,7 +89,7 @@ def test_pull_killed_between_its_record_and_index_json_leaves_a_leftover_the_nex
     store = Store(str(root), transport=TransportOptions(certs_dir="/nonexistent"))
     problems = store.fsck().problems
     assert problems == [
-        "leftover temporary state of an interrupted pull: image "
+        "leftover temporary state of an interrupted pull or rmi: image "
         f"{store.inspect(image.reference).reference} is recorded but not in index.json"
     ]
     assert store.pull(image.reference).layers_fetched == 0
