@@ -6,13 +6,12 @@ thousands of random members): a ustar header, preceded by a PAX extended header 
 field does not fit ustar. tarfile builds each header through a dict of fields, a ``sum()``
 over 512 unpacked bytes for the checksum and a string encode per field; that was half of
 the time ``ocistore export`` took. Here the common header is one ``%`` format, and the
-checksum comes from ``zlib.adler32`` (as in :mod:`ocistore.tarreader`).
+checksum is the reader's :func:`~ocistore.tarreader.block_sum`.
 """
 
 from __future__ import annotations
 
 import functools
-from zlib import adler32
 
 from ocistore.tarreader import (
     BLKTYPE,
@@ -23,6 +22,7 @@ from ocistore.tarreader import (
     LNKTYPE,
     REGTYPE,
     SYMTYPE,
+    block_sum,
 )
 
 __all__ = [
@@ -172,10 +172,8 @@ def _ustar(
         devmajor,
         devminor,
     )
-    # The byte sum with the checksum field as 8 spaces (it holds them now). Adler-32's low
-    # half is 1 + the byte sum of each 256-byte half, which cannot wrap at that size.
-    checksum = (adler32(block[:256]) & 0xFFFF) + (adler32(block[256:]) & 0xFFFF) - 2
-    return b"%s%06o\0%s" % (block[:148], checksum, block[155:])
+    # The checksum field holds its 8 spaces while the block is summed, as tar counts it.
+    return b"%s%06o\0%s" % (block[:148], block_sum(block), block[155:])
 
 
 def _extended(records: dict[str, str]) -> bytes:
