@@ -14,7 +14,7 @@ import stat
 from typing import IO
 
 from ocistore import tarwriter as tw
-from ocistore.compose import CHUNK_SIZE, ComposedTree, kept_xattr
+from ocistore.compose import ComposedTree, kept_xattr
 from ocistore.errors import StorageError
 
 __all__ = ["export_tar"]
@@ -94,9 +94,9 @@ def export_tar(tree: ComposedTree, out: IO[bytes]) -> None:
                     out.flush()  # what is buffered comes first
                     if not _send_file(fd, sink, node.source, size):
                         sink = None
-                        _stream_file(fd, node.source, size, out)
+                        tw.copy_data(fd, size, out.write, node.source)
                 else:
-                    _stream_file(fd, node.source, size, out)
+                    tw.copy_data(fd, size, out.write, node.source)
                 written += size
                 pad = -size % tw.BLOCK
                 if pad:
@@ -179,17 +179,3 @@ def _send_file(fd: int, sink: int, source: str, size: int) -> bool:
             raise StorageError(f"{source} changed size while being exported")
         sent += n
     return True
-
-
-def _stream_file(fd: int, source: str, size: int, out: IO[bytes]) -> None:
-    """Write exactly ``size`` bytes of ``fd`` to ``out`` (the size its header gave)."""
-    left = size
-    while left:
-        try:
-            data = os.read(fd, min(left, CHUNK_SIZE))
-        except OSError as exc:
-            raise StorageError(f"cannot read {source}: {exc.strerror}") from exc
-        if not data:
-            raise StorageError(f"{source} changed size while being exported")
-        out.write(data)
-        left -= len(data)

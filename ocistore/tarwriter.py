@@ -1,4 +1,4 @@
-"""Tar member headers for the streams ocistore writes (``ocistore export``).
+"""Tar members for the streams ocistore writes (``export``, ``commit``): headers and data.
 
 ``pax_header`` returns, byte for byte, what ``tarfile.TarInfo.tobuf(tarfile.PAX_FORMAT,
 "utf-8", "surrogateescape")`` returns for the same member (a test compares the two over
@@ -12,7 +12,10 @@ checksum is the reader's :func:`~ocistore.tarreader.block_sum`.
 from __future__ import annotations
 
 import functools
+import os
+from collections.abc import Callable
 
+from ocistore.errors import StorageError
 from ocistore.tarreader import (
     BLKTYPE,
     BLOCK,
@@ -35,11 +38,13 @@ __all__ = [
     "RECORD",
     "REGTYPE",
     "SYMTYPE",
+    "copy_data",
     "pax_header",
     "pax_time",
 ]
 
 RECORD = 20 * BLOCK  # tar(1) pads an archive to a whole record
+_CHUNK = 1 << 20
 XHDTYPE = b"x"
 
 _MAX_ID = 8**7  # 7 octal digits: uid, gid, device numbers
@@ -224,3 +229,18 @@ def _extended_block(size: int) -> bytes:
         _EMPTY_DEVICE,
         _EMPTY_DEVICE,
     )
+
+
+def copy_data(fd: int, size: int, write: Callable[[bytes], object], name: str) -> None:
+    """Write exactly ``size`` bytes of the open file ``fd`` (the size the member's header
+    gave: a file that grew since is cut there, one that shrank is an error)."""
+    left = size
+    while left:
+        try:
+            data = os.read(fd, min(left, _CHUNK))
+        except OSError as exc:
+            raise StorageError(f"cannot read {name}: {exc.strerror}") from exc
+        if not data:
+            raise StorageError(f"{name} changed size while being exported")
+        write(data)
+        left -= len(data)

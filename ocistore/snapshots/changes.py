@@ -21,7 +21,6 @@ _WH_PREFIX = ".wh."
 _WH_OPAQUE = ".wh..wh..opq"
 _METACOPY_XATTR = "trusted.overlay.metacopy"
 _NS = 1_000_000_000
-_CHUNK = 1 << 20
 
 
 # --- the change list -------------------------------------------------------------------------
@@ -220,20 +219,7 @@ class _TarWriter:
                 )
             size = fst.st_size
             self._add(rel, tw.REGTYPE, fst, size=size, pax=self._xattrs(fd))
-            left = size
-            while left:  # exactly the size the header gave, whatever the file does now
-                try:
-                    data = os.read(fd, min(left, _CHUNK))
-                except OSError as exc:
-                    raise StorageError(
-                        f"cannot export {rel!r}: {exc} (changed while reading?)"
-                    ) from exc
-                if not data:
-                    raise StorageError(
-                        f"cannot export {rel!r}: unexpected end of data (changed while reading?)"
-                    )
-                self._write(data)
-                left -= len(data)
+            tw.copy_data(fd, size, self._write, repr(rel))
             if size % tw.BLOCK:
                 self._write(bytes(tw.BLOCK - size % tw.BLOCK))
         finally:
