@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import IO, Any, Literal, Protocol
 
 from ocistore import tarwriter as tw
+from ocistore.compose import kept_xattr
 from ocistore.errors import StorageError
 from ocistore.snapshots.mounts import _OPEN_FILE, _join, _xattr
 
@@ -128,9 +129,7 @@ class _TarWriter:
             return {}
         pax = {}
         for name in sorted(names):
-            if name == "security.capability" or (
-                name.startswith("user.") and not name.startswith("user.overlay.")
-            ):
+            if kept_xattr(name):
                 value = _xattr(fd, name)
                 if value is not None:
                     pax["SCHILY.xattr." + name] = value.decode("utf-8", "surrogateescape")
