@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import threading
 
 from ocistore import ingest
 
@@ -27,35 +28,50 @@ def _due(wb: ingest._Writeback) -> bool:
 def test_writeback_every_32_mib_while_far_from_the_end() -> None:
     fraction = [0.5]
     wb = _schedule(fraction)
-    wb.note(31 * MiB)
+    wb.note(31 * MiB, False)
     assert not _due(wb)
-    wb.note(1 * MiB)
+    wb.note(1 * MiB, False)
     assert _due(wb)
-    wb.note(16 * MiB)
+    wb.note(16 * MiB, False)
     assert not _due(wb)  # 16 MiB since the last syncfs, not yet near the end
-    wb.note(16 * MiB)
+    wb.note(16 * MiB, False)
     assert _due(wb)
 
 
 def test_writeback_every_8_mib_near_the_end_of_the_blob() -> None:
     fraction = [0.5]
     wb = _schedule(fraction)
-    wb.note(32 * MiB)
+    wb.note(32 * MiB, False)
     assert _due(wb)
-    wb.note(7 * MiB)
+    wb.note(7 * MiB, False)
     fraction[0] = 0.9
-    wb.note(512 * 1024)
+    wb.note(512 * 1024, False)
     assert not _due(wb)  # 7.5 MiB since the last one: under the short step too
-    wb.note(512 * 1024)
+    wb.note(512 * 1024, False)
     assert _due(wb)
-    wb.note(8 * MiB)
+    wb.note(8 * MiB, False)
     assert _due(wb)
+
+
+def test_writeback_at_every_chunk_once_the_producer_is_done() -> None:
+    # Far from the end by bytes (a tail of small files, or a compressed blob read to its
+    # end long before the zeros it inflates to are): only the producer's end says so.
+    fraction = [0.5]
+    wb = _schedule(fraction)
+    wb.note(1 * MiB, False)
+    assert not _due(wb)
+    wb.note(1 * MiB, True)
+    assert _due(wb)
+    wb.note(4096, True)
+    assert _due(wb)
+    wb.note(1 * MiB, False)  # counting starts again from the last syncfs
+    assert not _due(wb)
 
 
 def test_prefetch_reports_each_chunk_the_reader_takes() -> None:
     data = bytes(range(256)) * (3 * MiB // 256 + 7)
-    taken: list[int] = []
-    ahead = ingest._Prefetch(io.BytesIO(data), taken.append)
+    taken: list[tuple[int, bool]] = []
+    ahead = ingest._Prefetch(io.BytesIO(data), lambda n, done: taken.append((n, done)))
     try:
         out = bytearray()
         while chunk := ahead.read(100_000):
@@ -63,5 +79,30 @@ def test_prefetch_reports_each_chunk_the_reader_takes() -> None:
     finally:
         ahead.close()
     assert bytes(out) == data
-    assert sum(taken) == len(data)
+    assert sum(n for n, _ in taken) == len(data)
     assert len(taken) == 4  # 1 MiB chunks: counted when taken, not per small read
+
+
+def test_prefetch_tells_the_reader_when_the_producer_is_done() -> None:
+    go = threading.Event()
+
+    class Source:
+        def __init__(self) -> None:
+            self.chunks = [b"a" * 10, b"b" * 20, b""]
+
+        def read(self, n: int = -1, /) -> bytes:
+            if len(self.chunks) == 2:
+                go.wait(10)  # the producer holds here until the first chunk is taken
+            return self.chunks.pop(0)
+
+    taken: list[tuple[int, bool]] = []
+    ahead = ingest._Prefetch(Source(), lambda n, done: taken.append((n, done)))
+    try:
+        assert ahead.read(100) == b"a" * 10
+        go.set()
+        ahead._thread.join(10)  # it has put the second chunk and the end, and stopped
+        assert ahead.read(100) == b"b" * 20
+        assert ahead.read(100) == b""
+    finally:
+        ahead.close()
+    assert taken == [(10, False), (20, True)]
