@@ -149,10 +149,10 @@ class _Prefetch:
             while not self._stop.is_set():
                 data = self._source.read(_CHUNK)
                 if not data:
-                    self._produced_all = True
-                self._put(data)
-                if not data:
+                    self._produced_all = True  # before the end is queued: the reader sees it
+                    self._put(data)
                     return
+                self._put(data)
         except BaseException as exc:  # handed to the reader, raised there
             self._put(exc)
 
