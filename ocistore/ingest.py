@@ -230,9 +230,11 @@ class _Writeback:
     def _run(self) -> None:
         while True:
             self._due.wait()
+            # Clear, then look: the other order could clear stop()'s wake-up after seeing
+            # _stopping still False, and then wait for good while stop() joins.
+            self._due.clear()
             if self._stopping:
                 return
-            self._due.clear()
             with contextlib.suppress(OSError):  # only a head start: make_durable decides
                 syncfs(self._path)
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import io
 import threading
+import time
+
+import pytest
 
 from ocistore import ingest
 
@@ -106,3 +109,33 @@ def test_prefetch_tells_the_reader_when_the_producer_is_done() -> None:
     finally:
         ahead.close()
     assert taken == [(10, False), (20, True)]
+
+
+def test_writeback_stop_is_not_lost_between_wake_up_and_clear(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Replays one interleaving: the helper wakes for a syncfs and, before it clears the
+    # event, stop() sets _stopping and the event. That wake-up must not be lost.
+    in_clear = threading.Event()
+    stop_seen = threading.Event()
+
+    class HeldEvent(threading.Event):
+        def clear(self) -> None:
+            if threading.current_thread().name == "ocistore-writeback":
+                in_clear.set()
+                stop_seen.wait(10)  # the helper loses the CPU right here
+            super().clear()
+
+    with monkeypatch.context() as m:
+        m.setattr(threading, "Event", HeldEvent)
+        wb = ingest._Writeback("/nonexistent", lambda: 0.0)
+    wb.note(4096, True)
+    assert in_clear.wait(10)
+    stopper = threading.Thread(target=wb.stop, daemon=True)
+    stopper.start()
+    deadline = time.monotonic() + 10
+    while not (wb._stopping and wb._due.is_set()) and time.monotonic() < deadline:
+        pass  # stop() sets both, then joins
+    stop_seen.set()
+    stopper.join(10)
+    assert not stopper.is_alive(), "stop() still waiting for the writeback thread"
