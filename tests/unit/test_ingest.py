@@ -28,47 +28,39 @@ def _due(wb: ingest._Writeback) -> bool:
     return due
 
 
+def _dues(wb: ingest._Writeback, *notes: tuple[int, bool]) -> list[bool]:
+    """Whether a syncfs was due after each (bytes taken, producer done) note."""
+    dues = []
+    for nbytes, produced_all in notes:
+        wb.note(nbytes, produced_all)
+        dues.append(_due(wb))
+    return dues
+
+
 def test_writeback_every_32_mib_while_far_from_the_end() -> None:
-    fraction = [0.5]
-    wb = _schedule(fraction)
-    wb.note(31 * MiB, False)
-    assert not _due(wb)
-    wb.note(1 * MiB, False)
-    assert _due(wb)
-    wb.note(16 * MiB, False)
-    assert not _due(wb)  # 16 MiB since the last syncfs, not yet near the end
-    wb.note(16 * MiB, False)
-    assert _due(wb)
+    wb = _schedule([0.5])
+    # 16 MiB since the last syncfs is not yet due: far from the end the step is 32 MiB.
+    steps = [(31 * MiB, False), (1 * MiB, False), (16 * MiB, False), (16 * MiB, False)]
+    assert _dues(wb, *steps) == [False, True, False, True]
 
 
 def test_writeback_every_8_mib_near_the_end_of_the_blob() -> None:
     fraction = [0.5]
     wb = _schedule(fraction)
-    wb.note(32 * MiB, False)
-    assert _due(wb)
-    wb.note(7 * MiB, False)
+    assert _dues(wb, (32 * MiB, False), (7 * MiB, False)) == [True, False]
     fraction[0] = 0.9
-    wb.note(512 * 1024, False)
-    assert not _due(wb)  # 7.5 MiB since the last one: under the short step too
-    wb.note(512 * 1024, False)
-    assert _due(wb)
-    wb.note(8 * MiB, False)
-    assert _due(wb)
+    # 7.5 MiB since the last one is under the short step too; 8 MiB is not.
+    steps = [(512 * 1024, False), (512 * 1024, False), (8 * MiB, False)]
+    assert _dues(wb, *steps) == [False, True, True]
 
 
 def test_writeback_at_every_chunk_once_the_producer_is_done() -> None:
     # Far from the end by bytes (a tail of small files, or a compressed blob read to its
     # end long before the zeros it inflates to are): only the producer's end says so.
-    fraction = [0.5]
-    wb = _schedule(fraction)
-    wb.note(1 * MiB, False)
-    assert not _due(wb)
-    wb.note(1 * MiB, True)
-    assert _due(wb)
-    wb.note(4096, True)
-    assert _due(wb)
-    wb.note(1 * MiB, False)  # counting starts again from the last syncfs
-    assert not _due(wb)
+    # After the last syncfs, counting starts again from zero.
+    wb = _schedule([0.5])
+    steps = [(1 * MiB, False), (1 * MiB, True), (4096, True), (1 * MiB, False)]
+    assert _dues(wb, *steps) == [False, True, True, False]
 
 
 def test_prefetch_reports_each_chunk_the_reader_takes() -> None:
