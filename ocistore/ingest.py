@@ -578,7 +578,8 @@ class LayerIngester:
         )
         # The diffID hash runs on the unpacking side of the queue. On the inflate thread it
         # made that thread the pipeline's bottleneck (the unpacker waited ~200 ms of a
-        # Debian pull for chunks); here both threads carry about the same load.
+        # Debian pull for chunks); here the two take turns at being the slower one, as the
+        # tar's content changes (docs/bench.md).
         uncompressed = _Hashing(ahead)
         try:
             try:
