@@ -14,11 +14,11 @@ import json
 import os
 import threading
 import time
-import zlib
 from collections.abc import Callable
 from typing import IO, TYPE_CHECKING, Any
 
 from ocistore import mediatypes as mt
+from ocistore.compression import gzip_compressor
 from ocistore.digest import Digest
 from ocistore.ingest import LayerIngester
 from ocistore.model import Descriptor, Manifest, chain_ids, parse_config, parse_manifest
@@ -63,7 +63,7 @@ def commit_image(
             diff_hash = hashlib.sha256()
             blob_hash = hashlib.sha256()
             # mtime 0 and no name in the gzip header: the same changes give the same blob.
-            compressor = zlib.compressobj(6, zlib.DEFLATED, 31)
+            compressor = gzip_compressor()
             size = 0
             with os.fdopen(gz_fd, "wb") as gz:
                 while chunk := tar.read(_CHUNK):

@@ -1,4 +1,5 @@
-"""Streaming decompression of layer blobs (gzip, zstd or none) behind a ``read()``."""
+"""Streaming decompression of layer blobs (gzip, zstd or none) behind a ``read()``, and the
+gzip compressor for the layers ocistore writes itself (commit)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,11 @@ _GZIP_MAGIC = b"\x1f\x8b"
 
 class Readable(Protocol):
     def read(self, n: int = -1, /) -> bytes: ...
+
+
+class Compressor(Protocol):
+    def compress(self, data: bytes, /) -> bytes: ...
+    def flush(self) -> bytes: ...
 
 
 class _Inflater(Protocol):
@@ -55,6 +61,7 @@ class _ZlibInflater:
 
 _inflater: Callable[[], _Inflater]
 _INFLATE_ERROR: type[Exception]
+gzip_compressor: Callable[[], Compressor]
 try:
     # ISA-L inflates gzip 2-3x faster than zlib (tools/bench). Its IgzipDecompressor, not
     # isal_zlib's decompressobj: that one starts each call's output at 16 KiB and doubles
@@ -68,9 +75,26 @@ try:
 
     _inflater = _isal_inflater
     _INFLATE_ERROR = igzip_lib.IsalError  # type: ignore[assignment]  # stub: an instance
+
+    def _isal_compressor() -> Compressor:
+        # ISA-L's level 2 (its default): on the Debian layer's 116 MiB, 0.20 s and 51.3 MiB,
+        # where zlib's level 6 took 3.16 s for 46.5 MiB and its level 1 1.10 s for 50.5 MiB;
+        # ISA-L's level 1 saves 5% of the time for 1% more bytes, level 3 costs 50% more
+        # time for 2% fewer. The blob stays in the local store, so time wins.
+        from isal import isal_zlib
+
+        compressor: Compressor = isal_zlib.compressobj(2, isal_zlib.DEFLATED, 31)
+        return compressor
+
+    gzip_compressor = _isal_compressor
 except ImportError:  # pragma: no cover - isal is a dependency; zlib is the safety net
     _inflater = _ZlibInflater
     _INFLATE_ERROR = zlib.error
+
+    def _zlib_compressor() -> Compressor:
+        return zlib.compressobj(1, zlib.DEFLATED, 31)
+
+    gzip_compressor = _zlib_compressor
 
 
 class _GzipReader:
