@@ -15,10 +15,10 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, Protocol, cast
 
 from ocistore import mediatypes as mt
-from ocistore.compression import gzip_compressor
+from ocistore.compression import GzipWriter
 from ocistore.digest import Digest
 from ocistore.ingest import LayerIngester
 from ocistore.model import Descriptor, Manifest, chain_ids, parse_config, parse_manifest
@@ -28,8 +28,6 @@ from ocistore.store.metadata import ImageLayer, ImageRecord
 
 if TYPE_CHECKING:
     from ocistore.api import Store
-
-_CHUNK = 1 << 20
 
 # Docker's layer types are the same bytes as OCI's; an OCI manifest names them the OCI way
 # so that OCI-only readers (umoci) accept the committed image.
@@ -53,41 +51,23 @@ def commit_image(
     """Create ``new_reference`` = ``base`` + one layer holding what ``write_changes`` writes."""
     ref = Reference.parse(new_reference)
     content = store.content
-    tar_fd, tar_path = content.ingest_temp()
     gz_fd, gz_path = content.ingest_temp()
     try:
-        with os.fdopen(tar_fd, "w+b") as tar:
-            write_changes(tar)
-            tar.flush()
-            tar.seek(0)
-            diff_hash = hashlib.sha256()
-            blob_hash = hashlib.sha256()
-            # mtime 0 and no name in the gzip header: the same changes give the same blob.
-            compressor = gzip_compressor()
-            size = 0
-            with os.fdopen(gz_fd, "wb") as gz:
-                while chunk := tar.read(_CHUNK):
-                    diff_hash.update(chunk)
-                    out = compressor.compress(chunk)
-                    blob_hash.update(out)
-                    gz.write(out)
-                    size += len(out)
-                out = compressor.flush()
-                blob_hash.update(out)
-                gz.write(out)
-                size += len(out)
-        diff_id = Digest("sha256", diff_hash.hexdigest())
-        layer = Descriptor(
-            f"{_OCI_LAYER}+gzip",
-            Digest("sha256", blob_hash.hexdigest()),
-            size,
-        )
+        # The changes go through a pipeline: hashed (their diffID) on this thread,
+        # compressed on the gzip writer's own, hashed again (the blob digest) as they reach
+        # the file. Nothing uncompressed touches the disk.
+        with os.fdopen(gz_fd, "wb") as gz:
+            blob = _Hashed(gz)
+            with GzipWriter(blob) as compressed:
+                changes = _Hashed(compressed)
+                write_changes(cast("IO[bytes]", changes))
+        diff_id = Digest("sha256", changes.hash.hexdigest())
+        layer = Descriptor(f"{_OCI_LAYER}+gzip", Digest("sha256", blob.hash.hexdigest()), blob.size)
         if not content.has(layer.digest):
             content.adopt(gz_path, layer.digest)
     finally:
-        for path in (tar_path, gz_path):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(gz_path)
     LayerIngester(store, emit=lambda event: None, cancel=threading.Event()).ensure(
         layer, diff_id, None
     )
@@ -154,3 +134,28 @@ def commit_image(
         ),
     )
     return record
+
+
+class _Hashed:
+    """Writes through to ``out``, hashing and counting what goes by (only ``write`` and
+    ``flush``: what the tar writer and the gzip writer call)."""
+
+    def __init__(self, out: _Sink) -> None:
+        self._out = out
+        self.hash = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self.hash.update(data)
+        n = self._out.write(data)
+        self.size += n
+        return n
+
+    def flush(self) -> None:
+        flush = getattr(self._out, "flush", None)  # a GzipWriter has none: blocks are whole
+        if flush is not None:
+            flush()
+
+
+class _Sink(Protocol):
+    def write(self, data: bytes, /) -> int: ...

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import errno
 import gzip
 import io
 import os
+import threading
 
 import pytest
 import zstandard
 
-from ocistore.compression import decompressing_reader, gzip_compressor
+from ocistore.compression import GzipWriter, decompressing_reader
 from ocistore.errors import LayerFormatError
 
 PAYLOAD = os.urandom(300_000) + b"\0" * 3_000_000
@@ -120,19 +122,46 @@ def test_gzip_highly_compressed_member_comes_out_in_bounded_chunks() -> None:
     assert sum(sizes) == 64 << 20 and max(sizes) <= 1 << 20
 
 
-def _compress(data: bytes, chunk: int = 1 << 20) -> bytes:
-    compressor = gzip_compressor()
-    out = [compressor.compress(data[i : i + chunk]) for i in range(0, len(data), chunk)]
-    return b"".join(out) + compressor.flush()
+def _compress(data: bytes, pieces: int = 4096) -> bytes:
+    out = io.BytesIO()
+    with GzipWriter(out) as gz:  # in pieces of any size, as the tar writer writes
+        for i in range(0, len(data), pieces):
+            gz.write(data[i : i + pieces])
+    return out.getvalue()
 
 
-def test_gzip_compressor_writes_one_reproducible_member_any_reader_takes() -> None:
+def test_gzip_writer_writes_a_reproducible_stream_any_reader_takes() -> None:
     text = b"".join(b"line %d of a layer that compresses\n" % i for i in range(100_000))
-    data = text + PAYLOAD
+    data = text + PAYLOAD + text  # several of the writer's 1 MiB blocks
     blob = _compress(data)
     assert gzip.decompress(blob) == data  # the stdlib's reader, not only ours
     assert _read_all(decompressing_reader(io.BytesIO(blob), "gzip")) == data
     # No time, no name: the same changes committed twice are the same blob.
     assert blob[:3] == b"\x1f\x8b\x08" and blob[3] == 0 and blob[4:8] == bytes(4)
-    assert _compress(data) == blob
+    # Whatever pieces the tar writer writes in (1 MiB exactly, ragged, larger than a block).
+    assert {_compress(data, n) for n in (1 << 20, 1000, 512 * 3 + 7, 3 << 20)} == {blob}
     assert len(blob) < len(text) // 4  # it does compress
+
+
+class _FillsUp:
+    """A file that takes ``room`` bytes, then fails as a full disk does."""
+
+    def __init__(self, room: int) -> None:
+        self.room = room
+
+    def write(self, data: bytes) -> int:
+        if len(data) > self.room:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.room -= len(data)
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_gzip_writer_raises_a_full_disk_and_stops_its_thread() -> None:
+    before = set(threading.enumerate())
+    with pytest.raises(OSError, match="No space left"), GzipWriter(_FillsUp(100_000)) as gz:
+        for _ in range(20):
+            gz.write(PAYLOAD)
+    assert set(threading.enumerate()) <= before
