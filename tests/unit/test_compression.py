@@ -7,6 +7,7 @@ import gzip
 import io
 import os
 import threading
+from typing import Any
 
 import pytest
 import zstandard
@@ -164,4 +165,56 @@ def test_gzip_writer_raises_a_full_disk_and_stops_its_thread() -> None:
     with pytest.raises(OSError, match="No space left"), GzipWriter(_FillsUp(100_000)) as gz:
         for _ in range(20):
             gz.write(PAYLOAD)
+    assert set(threading.enumerate()) <= before
+
+
+class _FullFromNowOn:
+    """A file that fails as a full disk does once ``full`` is set."""
+
+    def __init__(self) -> None:
+        self.full = False
+
+    def write(self, data: bytes) -> int:
+        if self.full:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_gzip_writer_lets_the_callers_error_through() -> None:
+    # The snapshot driver fails while the disk fills up: ending the stream fails too, but
+    # the driver's error (which names the container) is the one to report.
+    before = set(threading.enumerate())
+    raw = _FullFromNowOn()
+    with pytest.raises(ValueError, match="driver failed"), GzipWriter(raw) as gz:
+        gz.write(PAYLOAD[:5000])
+        raw.full = True
+        raise ValueError("driver failed")
+    assert set(threading.enumerate()) <= before
+
+
+class _CtrlC:
+    """igzip's writer as a Ctrl-C finds it: blocked handing a block to its full queue."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.pressed = False
+
+    def write(self, data: object) -> int:
+        if not self.pressed:  # once: what comes after the Ctrl-C goes through
+            self.pressed = True
+            raise KeyboardInterrupt
+        return int(self.inner.write(data))
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def test_gzip_writer_ctrl_c_while_handing_over_a_block_stays_a_ctrl_c() -> None:
+    before = set(threading.enumerate())
+    with pytest.raises(KeyboardInterrupt), GzipWriter(io.BytesIO()) as gz:
+        gz._gz = _CtrlC(gz._gz)  # type: ignore[assignment]
+        gz.write(bytes(3 << 20))  # three whole blocks: the first hand-over is interrupted
     assert set(threading.enumerate()) <= before
