@@ -168,29 +168,14 @@ def test_gzip_writer_raises_a_full_disk_and_stops_its_thread() -> None:
     assert set(threading.enumerate()) <= before
 
 
-class _FullFromNowOn:
-    """A file that fails as a full disk does once ``full`` is set."""
-
-    def __init__(self) -> None:
-        self.full = False
-
-    def write(self, data: bytes) -> int:
-        if self.full:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return len(data)
-
-    def flush(self) -> None:
-        pass
-
-
 def test_gzip_writer_lets_the_callers_error_through() -> None:
     # The snapshot driver fails while the disk fills up: ending the stream fails too, but
     # the driver's error (which names the container) is the one to report.
     before = set(threading.enumerate())
-    raw = _FullFromNowOn()
+    raw = _FillsUp(1 << 40)
     with pytest.raises(ValueError, match="driver failed"), GzipWriter(raw) as gz:
         gz.write(PAYLOAD[:5000])
-        raw.full = True
+        raw.room = 0  # the disk is full from now on
         raise ValueError("driver failed")
     assert set(threading.enumerate()) <= before
 
